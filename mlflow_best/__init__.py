@@ -1,0 +1,143 @@
+"""mlflow_best: keep the best PyTorch model in MLflow.
+
+One ``with`` block logs every epoch, checkpoints and registers only improvements (off the training
+loop), and ``restore`` brings any of them back onto any device::
+
+    with mlflow_best.track(model, optimizer, monitor="val_loss", registered_model="digits-mlp") as run:
+        for epoch in range(run.start_epoch, 20):
+            ...
+            run.log_epoch(epoch, {"train_loss": tl, "val_loss": vl})
+    r = mlflow_best.restore(run.run_id, device="cuda:0")
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from mlflow_best._config import TrackConfig
+from mlflow_best._criterion import Mode
+from mlflow_best._errors import (
+    ArchitectureMismatchError,
+    CheckpointError,
+    CheckpointNotFoundError,
+    ConfigError,
+    MetricError,
+    MlflowBestError,
+    TrackingStoreError,
+    UnsafeCheckpointError,
+    UnsentError,
+)
+from mlflow_best._promote import Promotion, promote
+from mlflow_best._restore import Restored, restore, sync
+from mlflow_best._tracker import Best, Run
+from mlflow_best._version import __version__
+
+__all__ = [
+    "ArchitectureMismatchError",
+    "Best",
+    "CheckpointError",
+    "CheckpointNotFoundError",
+    "ConfigError",
+    "MetricError",
+    "MlflowBestError",
+    "Promotion",
+    "Restored",
+    "Run",
+    "TrackingStoreError",
+    "UnsafeCheckpointError",
+    "UnsentError",
+    "__version__",
+    "promote",
+    "restore",
+    "sync",
+    "track",
+]
+
+
+def track(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer | None = None,
+    *,
+    monitor: str = "val_loss",
+    mode: Mode = "min",
+    experiment: str | None = None,
+    registered_model: str | None = None,
+    alias: str | None = "best",
+    min_delta: float = 0.0,
+    scheduler: Any = None,
+    scaler: Any = None,
+    model_args: dict[str, Any] | None = None,
+    params: dict[str, Any] | None = None,
+    tags: dict[str, Any] | None = None,
+    run_name: str | None = None,
+    resume: str | None = None,
+    tracking_uri: str | None = None,
+    keep: int | None = None,
+    save_last: bool | int = False,
+    generators: Mapping[str, torch.Generator] | None = None,
+    staging_dir: str | None = None,
+    verbose: bool | None = None,
+    offline_timeout: float = 60.0,
+) -> Run:
+    """Track a training run in MLflow and keep its best checkpoints; use as ``with track(...) as run``.
+
+    Every ``run.log_epoch(epoch, metrics)`` logs the epoch's metrics (one batched call, step=epoch).
+    When ``monitor`` improves, the full training state is copied to CPU memory and, in the
+    background, written atomically, logged as an MLflow LoggedModel and registered as a version of
+    ``registered_model``; ``alias`` moves to it if it is the best version across all runs.
+
+    Args:
+        model: the model (DDP / ``torch.compile`` wrappers are unwrapped for the state_dict).
+        optimizer: its optimizer; saved and restored with the model.
+        monitor: the metric that decides, as passed to ``log_epoch``.
+        mode: "min" (lower is better) or "max".
+        experiment: MLflow experiment name, created if missing (None: ``MLFLOW_EXPERIMENT_NAME`` or Default).
+        registered_model: registry name to register improvements as versions of (None: register nothing).
+        alias: registry alias moved to the best version (None: leave aliases alone).
+        min_delta: an epoch improves only when better than the best by more than this.
+        scheduler: an LR scheduler whose state is checkpointed.
+        scaler: a ``torch.amp.GradScaler`` whose state is checkpointed.
+        model_args: JSON-able init kwargs of the model, so ``restore`` can rebuild it without ``model=``.
+        params: extra run params. tags: extra run tags. run_name: the MLflow run name.
+        resume: a run id: reopen that run, load its latest checkpoint (weights, optimizer, scheduler,
+            scaler, RNG) into the given objects, and continue at ``run.start_epoch``.
+        tracking_uri: the MLflow tracking URI (None: MLflow's own, e.g. ``MLFLOW_TRACKING_URI``).
+        keep: keep only the files of the N best checkpoints (None: keep all).
+        save_last: also keep a rolling "last" checkpoint every N epochs (True: every epoch), never
+            registered; ``resume`` uses it, and it is written when the block raises.
+        generators: named ``torch.Generator`` objects (e.g. a DataLoader's) saved and restored with RNG.
+        staging_dir: local folder for checkpoints before upload (default ``$MLFLOW_BEST_HOME/runs``).
+        verbose: print a line per epoch and a summary (None: only when stdout is a terminal).
+        offline_timeout: at exit, how long to keep retrying an unreachable server before giving up
+            and raising ``UnsentError`` (everything stays on disk for ``sync``).
+
+    Returns:
+        A ``Run`` context manager.
+
+    Raises:
+        ConfigError: a bad argument (raised here, before any run is started).
+        TrackingStoreError: on entering the block, when the tracking store cannot be reached.
+    """
+    config = TrackConfig(
+        monitor=monitor,
+        mode=mode,
+        min_delta=min_delta,
+        experiment=experiment,
+        registered_model=registered_model,
+        alias=alias,
+        model_args=model_args,
+        params=params,
+        tags=tags,
+        run_name=run_name,
+        resume=resume,
+        tracking_uri=tracking_uri,
+        keep=keep,
+        save_last=save_last,
+        staging_dir=staging_dir,
+        verbose=verbose,
+        offline_timeout=offline_timeout,
+    )
+    return Run(model, optimizer, config, scheduler=scheduler, scaler=scaler, generators=generators)

@@ -1,0 +1,3 @@
+from mlflow_best.cli import main
+
+main()

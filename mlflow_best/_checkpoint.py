@@ -1,0 +1,226 @@
+"""The on-disk checkpoint format: a folder of files plus ``manifest.json``.
+
+    <name>/
+      model.pt            the model's state_dict (torch.save; loads with weights_only=True)
+      training_state.pt   optimizer, scheduler, GradScaler, RNG states, epoch, metrics
+      manifest.json       format version, sha256 + size of every file, classes, model_args, versions
+
+A folder is written under a temporary name (every file fsynced), then renamed into place and the
+parent fsynced: a reader never sees a half-written checkpoint under its final name.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import pickle
+import shutil
+import uuid
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mlflow_best._errors import CheckpointError, UnsafeCheckpointError
+
+FORMAT = "mlflow_best.checkpoint"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+MODEL_FILE = "model.pt"
+TRAINING_FILE = "training_state.pt"
+_CHUNK = 8 << 20
+
+
+class _HashingWriter:
+    """A file object that hashes what passes through, so nothing is read back to checksum it."""
+
+    def __init__(self, f: Any) -> None:
+        self._f = f
+        self.sha256 = hashlib.sha256()
+        self.size = 0
+
+    def write(self, data: Any) -> int:
+        view = memoryview(data)
+        self.sha256.update(view)
+        self.size += view.nbytes
+        written: int = self._f.write(view)
+        return written
+
+    def flush(self) -> None:
+        self._f.flush()
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _save_file(obj: Any, path: Path) -> dict[str, Any]:
+    with open(path, "wb") as f:
+        writer = _HashingWriter(f)
+        torch.save(obj, writer)  # type: ignore[arg-type]
+        f.flush()
+        os.fsync(f.fileno())
+    return {"sha256": writer.sha256.hexdigest(), "bytes": writer.size}
+
+
+def write_checkpoint(
+    parent: Path, name: str, model_state: Any, training_state: Any, meta: dict[str, Any]
+) -> Path:
+    """Write a checkpoint folder ``parent/name`` atomically and return its path.
+
+    An existing folder of that name is replaced (used for the rolling "last" checkpoint): the old one
+    is moved aside first, so at every instant one complete folder exists under ``name`` or ``name.old``.
+    """
+    parent.mkdir(parents=True, exist_ok=True)
+    tmp = parent / f".tmp-{name}-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        files = {
+            MODEL_FILE: _save_file(model_state, tmp / MODEL_FILE),
+            TRAINING_FILE: _save_file(training_state, tmp / TRAINING_FILE),
+        }
+        manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, **meta, "files": files}
+        with open(tmp / MANIFEST, "w", encoding="utf-8") as f:
+            json.dump(manifest, f, indent=2, sort_keys=True)
+            f.flush()
+            os.fsync(f.fileno())
+        _fsync_dir(tmp)
+        final = parent / name
+        old = parent / f"{name}.old"
+        if final.exists():
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(final, old)
+        os.replace(tmp, final)
+        _fsync_dir(parent)
+        shutil.rmtree(old, ignore_errors=True)
+        return final
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def manifest_sha256(folder: Path) -> str:
+    """The checkpoint's identity: the sha256 of its manifest, which holds every file's sha256."""
+    return file_sha256(folder / MANIFEST)
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """The parsed ``manifest.json`` of a checkpoint folder."""
+
+    path: Path
+    data: dict[str, Any]
+
+    @property
+    def epoch(self) -> int:
+        return int(self.data["epoch"])
+
+    @property
+    def files(self) -> dict[str, dict[str, Any]]:
+        files: dict[str, dict[str, Any]] = self.data["files"]
+        return files
+
+
+_REQUIRED: dict[str, type | tuple[type, ...]] = {
+    "format": str,
+    "format_version": int,
+    "epoch": int,
+    "files": dict,
+    "model": dict,
+    "metrics": dict,
+}
+
+
+def read_manifest(folder: Path) -> Manifest:
+    """Parse and type-check ``folder/manifest.json``; raise a CheckpointError naming file and field."""
+    path = folder / MANIFEST
+    if not path.is_file():
+        raise CheckpointError(
+            f"{path} is missing: {folder} is not an mlflow_best checkpoint (a checkpoint from another "
+            "library, or an incomplete download); restore a reference that mlflow_best.track logged"
+        )
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path} is not valid JSON ({e}); the checkpoint is damaged") from e
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path} holds a {type(data).__name__}, expected a JSON object")
+    if data.get("format") != FORMAT:
+        raise CheckpointError(
+            f"{path}: field 'format' is {data.get('format')!r}, expected {FORMAT!r}; this is not an "
+            "mlflow_best checkpoint"
+        )
+    for field, kind in _REQUIRED.items():
+        if field not in data:
+            raise CheckpointError(f"{path}: required field {field!r} is missing")
+        if not isinstance(data[field], kind) or isinstance(data[field], bool):
+            raise CheckpointError(
+                f"{path}: field {field!r} is {data[field]!r} ({type(data[field]).__name__}), "
+                f"expected {getattr(kind, '__name__', kind)}"
+            )
+    if data["format_version"] > FORMAT_VERSION:
+        raise CheckpointError(
+            f"{path}: format_version {data['format_version']} is newer than this mlflow_best reads "
+            f"({FORMAT_VERSION}); upgrade mlflow_best (pip install -U mlflow-best)"
+        )
+    for fname in (MODEL_FILE, TRAINING_FILE):
+        entry = data["files"].get(fname)
+        if (
+            not isinstance(entry, dict)
+            or not isinstance(entry.get("sha256"), str)
+            or not isinstance(entry.get("bytes"), int)
+        ):
+            raise CheckpointError(
+                f"{path}: field 'files.{fname}' is {entry!r}, expected {{'sha256': str, 'bytes': int}}"
+            )
+    return Manifest(folder, data)
+
+
+def verify_checkpoint(folder: Path, *, check_hashes: bool = True) -> Manifest:
+    """Check that every file the manifest lists is there, of the right size and sha256."""
+    manifest = read_manifest(folder)
+    for fname, entry in manifest.files.items():
+        fpath = folder / fname
+        if not fpath.is_file():
+            raise CheckpointError(f"{fpath} is missing; the checkpoint is incomplete")
+        size = fpath.stat().st_size
+        if size != entry["bytes"]:
+            raise CheckpointError(
+                f"{fpath} is {size} bytes, the manifest says {entry['bytes']}: the file is truncated or "
+                "was changed; restore another version or re-download it"
+            )
+        if check_hashes and file_sha256(fpath) != entry["sha256"]:
+            raise CheckpointError(
+                f"{fpath} fails its checksum (sha256 differs from the manifest): the file was changed or "
+                "corrupted; it was not loaded"
+            )
+    return manifest
+
+
+def load_file(path: Path, map_location: Any) -> Any:
+    """``torch.load`` with ``weights_only=True``: anything that would run code is refused."""
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True, mmap=False)
+    except pickle.UnpicklingError as e:
+        raise UnsafeCheckpointError(
+            f"{path} was refused: loading it would execute code (it is not plain tensors and "
+            f"containers). mlflow_best never loads such files; the file may have been tampered with. "
+            f"Detail: {str(e).splitlines()[0]}"
+        ) from e
+    except (RuntimeError, zipfile.BadZipFile, EOFError) as e:
+        raise CheckpointError(f"{path} cannot be read as a torch file ({e}); the file is damaged") from e

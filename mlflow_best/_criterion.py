@@ -1,0 +1,51 @@
+"""Did this epoch improve? A pure function of numbers: no MLflow, no filesystem."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+from mlflow_best._errors import ConfigError
+
+Mode = Literal["min", "max"]
+MODES: tuple[Mode, ...] = ("min", "max")
+
+
+@dataclass(frozen=True)
+class Criterion:
+    """The improvement rule: strictly better than ``best`` by more than ``min_delta``.
+
+    NaN and ±inf never improve; the first finite value always does.
+    """
+
+    mode: Mode = "min"
+    min_delta: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ConfigError(
+                f"mode={self.mode!r} is not a known mode; pass mode='min' when lower is better "
+                "(a loss) or mode='max' when higher is better (an accuracy)"
+            )
+        if isinstance(self.min_delta, bool) or not isinstance(self.min_delta, (int, float)):
+            raise ConfigError(f"min_delta={self.min_delta!r} is not a number; pass a float >= 0, e.g. 1e-4")
+        if not math.isfinite(self.min_delta) or self.min_delta < 0:
+            raise ConfigError(
+                f"min_delta={self.min_delta!r} must be finite and >= 0; it is the margin an epoch must "
+                "beat the best by, whatever the mode (e.g. min_delta=1e-4)"
+            )
+
+    def improves(self, value: float, best: float | None) -> bool:
+        """Return True when ``value`` beats ``best`` (None: nothing finite seen yet)."""
+        if not math.isfinite(value):
+            return False
+        if best is None:
+            return True
+        if self.mode == "min":
+            return value < best - self.min_delta
+        return value > best + self.min_delta
+
+    def better(self, a: float, b: float) -> bool:
+        """Return True when ``a`` is strictly better than ``b`` under this mode (no margin)."""
+        return a < b if self.mode == "min" else a > b

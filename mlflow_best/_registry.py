@@ -1,0 +1,262 @@
+"""Every MLflow call that publishes a checkpoint: LoggedModel, model version, alias, run tags.
+
+Each step records what it did in ``op.progress`` so a retry after a failure (a dead server, a lost
+response) resumes at the failed step instead of creating a second model or version.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from mlflow import MlflowClient
+from mlflow.entities import LoggedModelOutput, Metric, RunTag
+from mlflow.exceptions import MlflowException
+
+from mlflow_best._checkpoint import manifest_sha256
+from mlflow_best._criterion import Criterion
+from mlflow_best._writer import CheckpointOp, EndOp, MetricsOp, Op, TagsOp
+
+TAG = "mlflow_best."
+# Tags on each model version; plain keys so they read well in the registry UI.
+V_EPOCH, V_MONITOR, V_MODE, V_VALUE, V_SHA, V_RUN = "epoch", "monitor", "mode", "value", "sha256", "run_id"
+V_PRUNED = TAG + "pruned"
+
+
+def checkpoint_name(epoch: int, monitor: str, value: float) -> str:
+    """``epoch=0006-val_loss=0.6000``: the checkpoint's folder and display name."""
+    return f"epoch={epoch:04d}-{monitor}={value:.4f}"
+
+
+def logged_model_name(name: str) -> str:
+    # MLflow refuses '.', '/', ':', '%' and quotes in LoggedModel names.
+    return "".join("_" if c in "./:%\"'" else c for c in name)
+
+
+def is_missing(error: MlflowException) -> bool:
+    """True for "no such run / model / version / alias" (a missing alias is INVALID_PARAMETER_VALUE)."""
+    if error.error_code in ("RESOURCE_DOES_NOT_EXIST", "NOT_FOUND"):
+        return True
+    return error.error_code == "INVALID_PARAMETER_VALUE" and "not found" in error.message.lower()
+
+
+def ensure_registered_model(client: MlflowClient, name: str) -> None:
+    """Create the registered model if it does not exist (safe against a concurrent creator)."""
+    try:
+        client.get_registered_model(name)
+    except MlflowException as e:
+        if not is_missing(e):
+            raise
+        try:
+            client.create_registered_model(
+                name, tags={TAG + "managed": "true"}, description="Checkpoints kept by mlflow_best.track"
+            )
+        except MlflowException as e2:
+            if e2.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+
+
+def best_version(client: MlflowClient, name: str, monitor: str, criterion: Criterion) -> Any | None:
+    """The registered version with the best recorded value of ``monitor`` (earliest wins a tie)."""
+    best: Any | None = None
+    best_value = math.nan
+    for v in _all_versions(client, name):
+        tags = v.tags or {}
+        if tags.get(V_MONITOR) != monitor or tags.get(V_MODE) != criterion.mode or V_PRUNED in tags:
+            continue
+        try:
+            value = float(tags[V_VALUE])
+        except (KeyError, ValueError):
+            continue
+        if not math.isfinite(value):
+            continue
+        if best is None or criterion.better(value, best_value) or (
+            value == best_value and int(v.version) < int(best.version)
+        ):
+            best, best_value = v, value
+    return best
+
+
+def _all_versions(client: MlflowClient, name: str) -> list[Any]:
+    escaped = name.replace("'", "\\'")
+    out: list[Any] = []
+    token: str | None = None
+    while True:
+        page = client.search_model_versions(f"name='{escaped}'", max_results=1000, page_token=token)
+        out.extend(page)
+        token = page.token
+        if not token:
+            return out
+
+
+def move_alias_to_best(
+    client: MlflowClient, name: str, alias: str, monitor: str, criterion: Criterion
+) -> str | None:
+    """Point ``alias`` at the best version of ``name`` across all runs; return that version.
+
+    Re-reading all versions (instead of comparing with the holder only) makes concurrent writers
+    converge: whoever writes last writes the best version it can see, and every writer checks again
+    after its own write.
+    """
+    target: str | None = None
+    for attempt in range(3):
+        best = best_version(client, name, monitor, criterion)
+        if best is None:
+            return None
+        target = str(best.version)
+        try:
+            holder: str | None = str(client.get_model_version_by_alias(name, alias).version)
+        except MlflowException as e:
+            if not is_missing(e):
+                raise
+            holder = None
+        if holder == target and attempt > 0:
+            return target
+        if holder != target:
+            client.set_registered_model_alias(name, alias, target)
+        time.sleep(0.05 * (attempt + 1))
+    return target
+
+
+class Publisher:
+    """Sends the pipeline's operations to one MLflow run, in order."""
+
+    def __init__(
+        self,
+        client: MlflowClient,
+        run_id: str,
+        experiment_id: str,
+        monitor: str,
+        criterion: Criterion,
+        registered_model: str | None,
+        alias: str | None,
+        on_registered: Callable[[CheckpointOp], None] | None = None,
+    ) -> None:
+        self.client = client
+        self.run_id = run_id
+        self.experiment_id = experiment_id
+        self.monitor = monitor
+        self.criterion = criterion
+        self.registered_model = registered_model
+        self.alias = alias
+        self.on_registered = on_registered
+
+    def __call__(self, op: Op) -> None:
+        if isinstance(op, MetricsOp):
+            self.client.log_batch(self.run_id, metrics=self._metrics(op, model_id=None))
+        elif isinstance(op, CheckpointOp):
+            if op.kind == "last":
+                self._publish_last(op)
+            else:
+                self._publish_best(op)
+        elif isinstance(op, TagsOp):
+            self.client.log_batch(self.run_id, tags=[RunTag(k, v) for k, v in op.tags.items()])
+        elif isinstance(op, EndOp):
+            self.client.set_terminated(self.run_id, op.status)
+
+    def _metrics(self, op: MetricsOp | CheckpointOp, model_id: str | None) -> list[Metric]:
+        return [
+            Metric(k, v, op.timestamp_ms, op.epoch, model_id=model_id, run_id=self.run_id)
+            for k, v in op.metrics.items()
+        ]
+
+    def _publish_best(self, op: CheckpointOp) -> None:
+        p = op.progress
+        folder = Path(op.folder)
+        if "sha256" not in p:
+            p["sha256"] = manifest_sha256(folder)
+        tags = {
+            V_EPOCH: str(op.epoch),
+            V_MONITOR: self.monitor,
+            V_MODE: self.criterion.mode,
+            V_VALUE: repr(op.value),
+            V_SHA: p["sha256"],
+            V_RUN: self.run_id,
+            TAG + "checkpoint": op.name,
+        }
+        if "model_id" not in p:
+            lm = self.client.create_logged_model(
+                self.experiment_id,
+                name=logged_model_name(op.name),
+                source_run_id=self.run_id,
+                tags=tags,
+                params={"epoch": str(op.epoch), "monitor": self.monitor, "mode": self.criterion.mode},
+            )
+            p["model_id"] = lm.model_id
+        model_id = p["model_id"]
+        if "metrics" not in p:
+            # Logged once, with the model id: the run's history gets one row per epoch and the
+            # LoggedModel shows the same numbers.
+            self.client.log_batch(self.run_id, metrics=self._metrics(op, model_id=model_id))
+            p["metrics"] = True
+        if "artifacts" not in p:
+            self.client.log_model_artifacts(model_id, str(folder))
+            p["artifacts"] = True
+        if "finalized" not in p:
+            self.client.log_outputs(self.run_id, [LoggedModelOutput(model_id, op.epoch)])
+            self.client.finalize_logged_model(model_id, "READY")
+            p["finalized"] = True
+        if self.registered_model and "version" not in p:
+            mv = self.client.create_model_version(
+                self.registered_model,
+                source=f"models:/{model_id}",
+                run_id=self.run_id,
+                tags=tags,
+                model_id=model_id,
+                description=f"{op.name} of run {self.run_id}",
+            )
+            p["version"] = str(mv.version)
+        if self.registered_model and self.alias and "alias" not in p:
+            move_alias_to_best(self.client, self.registered_model, self.alias, self.monitor, self.criterion)
+            p["alias"] = True
+        run_tags = {
+            TAG + "best_epoch": str(op.epoch),
+            TAG + "best_value": repr(op.value),
+            TAG + "best_model_id": model_id,
+            TAG + "best_sha256": p["sha256"],
+            TAG + "best_checkpoint": op.name,
+        }
+        if "version" in p:
+            run_tags[TAG + "best_version"] = p["version"]
+        self.client.log_batch(self.run_id, tags=[RunTag(k, v) for k, v in run_tags.items()])
+        if self.on_registered is not None:
+            self.on_registered(op)
+
+    def _publish_last(self, op: CheckpointOp) -> None:
+        p = op.progress
+        folder = Path(op.folder)
+        path = f"checkpoints/last-epoch={op.epoch:04d}"
+        if "sha256" not in p:
+            p["sha256"] = manifest_sha256(folder)
+        if "artifacts" not in p:
+            self.client.log_artifacts(self.run_id, str(folder), artifact_path=path)
+            p["artifacts"] = True
+        previous = self.client.get_run(self.run_id).data.tags.get(TAG + "last_checkpoint")
+        if "metrics" not in p and op.metrics:
+            self.client.log_batch(self.run_id, metrics=self._metrics(op, model_id=None))
+            p["metrics"] = True
+        # Only after the new files are complete does the pointer move: a crash in between leaves
+        # the previous "last" checkpoint in place and valid.
+        self.client.log_batch(
+            self.run_id,
+            tags=[
+                RunTag(TAG + "last_checkpoint", path),
+                RunTag(TAG + "last_epoch", str(op.epoch)),
+                RunTag(TAG + "last_sha256", p["sha256"]),
+            ],
+        )
+        if previous and previous != path:
+            _delete_run_artifacts(self.client, self.run_id, previous)
+
+
+def _delete_run_artifacts(client: MlflowClient, run_id: str, path: str) -> None:
+    from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+
+    repo = get_artifact_repository(client.get_run(run_id).info.artifact_uri)
+    try:
+        repo.delete_artifacts(path)
+    except (NotImplementedError, MlflowException, OSError):
+        pass  # a stale "last" folder costs storage only; the tag points at the current one

@@ -1,0 +1,556 @@
+"""Resolve a reference, download (cached by sha256), verify, load safely, rebuild, map to a device."""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import json
+import math
+import os
+import re
+import shutil
+import uuid
+import warnings
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import torch
+from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
+
+from mlflow_best._checkpoint import (
+    MANIFEST,
+    MODEL_FILE,
+    TRAINING_FILE,
+    Manifest,
+    file_sha256,
+    load_file,
+    read_manifest,
+    verify_checkpoint,
+)
+from mlflow_best._config import home
+from mlflow_best._criterion import Criterion
+from mlflow_best._errors import (
+    ArchitectureMismatchError,
+    CheckpointError,
+    CheckpointNotFoundError,
+    ConfigError,
+    TrackingStoreError,
+    UnsentError,
+)
+from mlflow_best._registry import TAG, V_SHA, Publisher, is_missing
+from mlflow_best._state import apply_rng, unwrap_model
+from mlflow_best._writer import CheckpointOp, Journal, MetricsOp, Op, describe, read_unsent
+
+RUN_FILE = "run.json"
+_RUN_ID = re.compile(r"^[0-9a-f]{32}$")
+_VERIFIED = ".verified.json"
+
+
+@dataclass
+class Restored:
+    """What ``restore`` returns: live objects on the requested device plus where they came from.
+
+    Attributes:
+        model: the model with the checkpoint's weights, on ``device``.
+        optimizer: the optimizer with its state on ``device`` (None if none was saved or given).
+        scheduler: the given scheduler with its state loaded (None if not given).
+        scaler: the given GradScaler with its state loaded (None if not given).
+        epoch: the epoch the checkpoint was taken after.
+        metrics: that epoch's metrics.
+        run_id: the MLflow run that logged it.
+        version: the registered model version, when the reference went through the registry or the
+            run's best is registered.
+        model_id: the MLflow LoggedModel id (None for a "last" checkpoint).
+        path: the verified local folder it was loaded from.
+        manifest: the checkpoint's manifest (classes, model_args, sha256 of each file, versions).
+        training_state: the raw training state (optimizer / scheduler / scaler / RNG state dicts).
+    """
+
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer | None
+    scheduler: Any
+    scaler: Any
+    epoch: int
+    metrics: dict[str, float]
+    run_id: str | None
+    version: str | None
+    model_id: str | None
+    path: Path
+    manifest: dict[str, Any] = field(repr=False)
+    training_state: dict[str, Any] = field(repr=False)
+
+
+@dataclass(frozen=True)
+class _Source:
+    """Where a checkpoint lives in MLflow and what it must hash to."""
+
+    artifact_uri: str
+    sha256: str | None
+    run_id: str | None
+    version: str | None = None
+    model_id: str | None = None
+
+
+def restore(
+    ref: str,
+    model: torch.nn.Module | None = None,
+    optimizer: torch.optim.Optimizer | None = None,
+    scheduler: Any = None,
+    scaler: Any = None,
+    *,
+    device: str | torch.device = "cpu",
+    tracking_uri: str | None = None,
+    restore_rng: bool = False,
+    cache_dir: str | os.PathLike[str] | None = None,
+) -> Restored:
+    """Load a checkpoint logged by ``track`` into live objects on ``device``.
+
+    Args:
+        ref: a run id or ``runs:/<run_id>`` (that run's best checkpoint), ``models:/<name>/<version>``,
+            ``models:/<name>@<alias>``, ``models:/<logged model id>``, or a local checkpoint folder.
+        model: load into this model; None rebuilds it from the recorded class and ``model_args``.
+        optimizer: load into this optimizer; None rebuilds it from the recorded class and defaults.
+        scheduler: an LR scheduler to load the saved state into (optional).
+        scaler: a ``torch.amp.GradScaler`` to load the saved state into (optional).
+        device: where the model and the optimizer state end up ("cpu", "cuda", "cuda:1", ...).
+        tracking_uri: the MLflow tracking URI; None uses MLflow's own (``MLFLOW_TRACKING_URI``).
+        restore_rng: also put back the torch / CUDA / numpy / Python RNG states of that epoch.
+        cache_dir: the download cache (default ``$MLFLOW_BEST_HOME/cache``); keyed by sha256.
+
+    Returns:
+        A ``Restored`` with ``model``, ``optimizer``, ``scheduler``, ``scaler``, ``epoch``,
+        ``metrics``, ``run_id``, ``version``.
+
+    Raises:
+        CheckpointNotFoundError: unknown run, model, version or alias, or a run without checkpoint.
+        CheckpointError: a checksum mismatch, a truncated, missing or foreign file.
+        UnsafeCheckpointError: a file that would need code execution to load.
+        ArchitectureMismatchError: the weights do not fit ``model``.
+        ConfigError: a bad device, or ``model=None`` when the model cannot be rebuilt.
+
+    Example:
+        >>> r = mlflow_best.restore("models:/digits-mlp@best", device="cuda:0")  # doctest: +SKIP
+        >>> r.model.eval(); r.epoch, r.metrics["val_loss"]  # doctest: +SKIP
+    """
+    target = _device(device)
+    if isinstance(ref, os.PathLike) or (isinstance(ref, str) and Path(ref).is_dir()):
+        folder = Path(ref)
+        verify_checkpoint(folder)
+        source = _Source(artifact_uri=str(folder), sha256=None, run_id=None)
+    else:
+        client = MlflowClient(tracking_uri=tracking_uri or mlflow.get_tracking_uri())
+        source = _resolve(client, ref)
+        folder = fetch(client, source, Path(cache_dir) if cache_dir else home() / "cache")
+    manifest = read_manifest(folder)
+    model_state = load_file(folder / MODEL_FILE, target)
+    training = load_file(folder / TRAINING_FILE, target)
+    if not isinstance(model_state, Mapping) or not isinstance(training, Mapping):
+        raise CheckpointError(f"{folder}: {MODEL_FILE} / {TRAINING_FILE} do not hold dicts; the checkpoint is damaged")
+    net = model if model is not None else _rebuild_model(manifest)
+    inner = unwrap_model(net)
+    inner.to(target)
+    load_model_state(inner, model_state, source=str(folder / MODEL_FILE))
+    opt = optimizer
+    if opt is None and training.get("optimizer") is not None and manifest.data.get("optimizer"):
+        opt = _rebuild_optimizer(manifest, inner)
+    if opt is not None and training.get("optimizer") is not None:
+        opt.load_state_dict(training["optimizer"])
+        _move_optimizer_state(opt, target)
+    if scheduler is not None and training.get("scheduler") is not None:
+        scheduler.load_state_dict(training["scheduler"])
+    if scaler is not None and training.get("scaler") is not None:
+        scaler.load_state_dict(training["scaler"])
+    if restore_rng and training.get("rng") is not None:
+        apply_rng(training["rng"])
+    return Restored(
+        model=net,
+        optimizer=opt,
+        scheduler=scheduler,
+        scaler=scaler,
+        epoch=int(training.get("epoch", manifest.epoch)),
+        metrics={str(k): float(v) for k, v in manifest.data["metrics"].items()},
+        run_id=source.run_id or manifest.data.get("run_id"),
+        version=source.version,
+        model_id=source.model_id,
+        path=folder,
+        manifest=manifest.data,
+        training_state=dict(training),
+    )
+
+
+def _device(device: str | torch.device) -> torch.device:
+    try:
+        target = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ConfigError(f"device={device!r} is not a torch device; pass 'cpu', 'cuda' or 'cuda:0'") from e
+    if target.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device={device!r} was asked for but CUDA is not available here; pass device='cpu'")
+    return target
+
+
+# -- resolving references -------------------------------------------------------------------------
+def _resolve(client: MlflowClient, ref: str) -> _Source:
+    if not isinstance(ref, str) or not ref:
+        raise ConfigError(f"ref={ref!r} must be a run id, 'runs:/<id>', 'models:/<name>/<version>' or 'models:/<name>@<alias>'")
+    try:
+        if ref.startswith("models:/"):
+            return _resolve_model(client, ref[len("models:/") :], ref)
+        run_id = ref[len("runs:/") :].strip("/") if ref.startswith("runs:/") else ref
+        if not _RUN_ID.match(run_id):
+            raise ConfigError(
+                f"ref={ref!r} is not a reference restore understands; pass a run id (32 hex characters), "
+                "'runs:/<id>', 'models:/<name>/<version>' or 'models:/<name>@<alias>'"
+            )
+        return _resolve_run(client, run_id)
+    except MlflowException as e:
+        if is_missing(e) or e.error_code == "INVALID_PARAMETER_VALUE":
+            raise CheckpointNotFoundError(f"{ref!r} was not found in the tracking store ({e.message})") from e
+        raise TrackingStoreError(f"resolving {ref!r} failed: {e.message}") from e
+
+
+def _resolve_model(client: MlflowClient, rest: str, ref: str) -> _Source:
+    if "@" in rest:
+        name, alias = rest.rsplit("@", 1)
+        try:
+            mv = client.get_model_version_by_alias(name, alias)
+        except MlflowException as e:
+            if not is_missing(e) and e.error_code != "INVALID_PARAMETER_VALUE":
+                raise
+            raise CheckpointNotFoundError(
+                f"{ref!r}: registered model {name!r} has no alias {alias!r} (or does not exist); "
+                f"list its aliases in the MLflow UI or promote a version with mlflow_best.promote({name!r})"
+            ) from e
+        return _from_version(client, mv)
+    if "/" in rest:
+        name, version = rest.rsplit("/", 1)
+        if not version.isdigit():
+            raise ConfigError(f"{ref!r}: version {version!r} must be a number, as in 'models:/{name}/3'")
+        try:
+            mv = client.get_model_version(name, version)
+        except MlflowException as e:
+            if not is_missing(e) and e.error_code != "INVALID_PARAMETER_VALUE":
+                raise
+            raise CheckpointNotFoundError(
+                f"{ref!r}: registered model {name!r} has no version {version} (or does not exist)"
+            ) from e
+        return _from_version(client, mv)
+    if rest.startswith("m-"):
+        return _from_logged_model(client, rest)
+    raise ConfigError(f"{ref!r} names no version or alias; use 'models:/{rest}@best' or 'models:/{rest}/1'")
+
+
+def _from_version(client: MlflowClient, mv: Any) -> _Source:
+    model_id = getattr(mv, "model_id", None) or (mv.source.split("/")[-1] if mv.source.startswith("models:/m-") else None)
+    if not model_id:
+        raise CheckpointError(
+            f"model version {mv.name}/{mv.version} was not logged by mlflow_best (source {mv.source!r}); "
+            "restore only reads versions that track() registered"
+        )
+    src = _from_logged_model(client, model_id)
+    return _Source(src.artifact_uri, (mv.tags or {}).get(V_SHA) or src.sha256, src.run_id, str(mv.version), model_id)
+
+
+def _from_logged_model(client: MlflowClient, model_id: str) -> _Source:
+    lm = client.get_logged_model(model_id)
+    return _Source(lm.artifact_location, (lm.tags or {}).get(V_SHA), lm.source_run_id, None, model_id)
+
+
+def _resolve_run(client: MlflowClient, run_id: str) -> _Source:
+    run = client.get_run(run_id)
+    tags = run.data.tags
+    model_id = tags.get(TAG + "best_model_id")
+    if model_id:
+        src = _from_logged_model(client, model_id)
+        return _Source(src.artifact_uri, tags.get(TAG + "best_sha256") or src.sha256, run_id,
+                       tags.get(TAG + "best_version"), model_id)
+    staged = _staged_best(run_id)
+    if staged is not None:
+        warnings.warn(
+            f"mlflow_best: run {run_id} has no checkpoint in MLflow yet; using the local staged copy "
+            f"{staged} (upload it with mlflow_best.sync({run_id!r}))",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        return _Source(str(staged), None, run_id)
+    raise CheckpointNotFoundError(
+        f"run {run_id} has no checkpoint: no epoch has improved {tags.get(TAG + 'monitor', 'the monitor')!r} yet "
+        "(or the run was not tracked by mlflow_best.track); train until log_epoch returns True, or restore another run"
+    )
+
+
+def _staged_best(run_id: str) -> Path | None:
+    folder = home() / "runs" / run_id / "checkpoints"
+    if not folder.is_dir():
+        return None
+    best: tuple[float, Path] | None = None
+    for sub in folder.iterdir():
+        if sub.name.startswith(".") or sub.name.startswith("last"):
+            continue
+        try:
+            m = verify_checkpoint(sub)
+        except CheckpointError:
+            continue
+        crit = Criterion(m.data.get("mode", "min"))
+        value = float(m.data.get("value", math.nan))
+        if math.isfinite(value) and (best is None or crit.better(value, best[0])):
+            best = (value, sub)
+    return best[1] if best else None
+
+
+# -- download cache ---------------------------------------------------------------------------------
+def fetch(client: MlflowClient, source: _Source, cache: Path) -> Path:
+    """A verified local copy of ``source``: from the cache when its files are unchanged, else downloaded."""
+    if os.path.isdir(source.artifact_uri):
+        folder = Path(source.artifact_uri)
+        verify_checkpoint(folder)
+        return folder
+    if source.sha256:
+        cached = cache / source.sha256
+        if _cache_hit(cached):
+            return cached
+    cache.mkdir(parents=True, exist_ok=True)
+    tmp = cache / f".download-{uuid.uuid4().hex[:8]}"
+    try:
+        local = Path(
+            mlflow.artifacts.download_artifacts(
+                artifact_uri=source.artifact_uri, dst_path=str(tmp), tracking_uri=client.tracking_uri
+            )
+        )
+        if not (local / MANIFEST).is_file() and (local / "artifacts" / MANIFEST).is_file():
+            local = local / "artifacts"
+        manifest = verify_checkpoint(local)
+        actual = file_sha256(local / MANIFEST)
+        if source.sha256 and actual != source.sha256:
+            raise CheckpointError(
+                f"{local / MANIFEST} has sha256 {actual[:12]}…, but MLflow recorded {source.sha256[:12]}… for "
+                "this checkpoint: the stored manifest was changed; it was not loaded"
+            )
+        final = cache / actual
+        _write_stamp(local, manifest)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(local, final)
+        return final
+    except MlflowException as e:
+        raise TrackingStoreError(f"downloading {source.artifact_uri} failed: {e.message}") from e
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _write_stamp(folder: Path, manifest: Manifest) -> None:
+    stamp = {
+        name: [(folder / name).stat().st_size, (folder / name).stat().st_mtime_ns]
+        for name in [*manifest.files, MANIFEST]
+    }
+    (folder / _VERIFIED).write_text(json.dumps(stamp), encoding="utf-8")
+
+
+def _cache_hit(folder: Path) -> bool:
+    """A cached folder counts only if every file still has the size and mtime it had when verified.
+
+    Re-hashing 100 MB costs as much as loading it; a changed file changes its mtime, so it is
+    re-verified (and a mismatch means a fresh download), while an untouched one is not read twice.
+    """
+    stamp_path = folder / _VERIFIED
+    if not stamp_path.is_file():
+        return False
+    try:
+        stamp = json.loads(stamp_path.read_text(encoding="utf-8"))
+        for name, (size, mtime) in stamp.items():
+            st = (folder / name).stat()
+            if st.st_size != size or st.st_mtime_ns != mtime:
+                return False
+        return file_sha256(folder / MANIFEST) == folder.name
+    except (OSError, ValueError, TypeError):
+        return False
+
+
+# -- loading ---------------------------------------------------------------------------------------
+def load_model_state(model: torch.nn.Module, state: Mapping[str, Any], source: str) -> None:
+    """``load_state_dict(strict=True)`` with an error listing missing, unexpected and mis-shaped keys."""
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    shapes = sorted(
+        f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}"
+        for k in set(expected) & set(state)
+        if isinstance(state[k], torch.Tensor) and state[k].shape != expected[k].shape
+    )
+    if missing or unexpected or shapes:
+        parts = []
+        if missing:
+            parts.append(f"missing keys {missing[:10]}")
+        if unexpected:
+            parts.append(f"unexpected keys {unexpected[:10]}")
+        if shapes:
+            parts.append(f"mis-shaped keys {shapes[:10]}")
+        raise ArchitectureMismatchError(
+            f"{source} does not fit {type(model).__name__}: " + "; ".join(parts) + ". Build the model with "
+            "the same architecture and arguments as in training (see manifest 'model.args')"
+        )
+    model.load_state_dict(state, strict=True)
+
+
+def _import_class(path: Any, base: type, what: str, field_name: str) -> type:
+    if not isinstance(path, str) or ":" not in path:
+        raise CheckpointError(f"manifest field {field_name!r} is {path!r}, expected 'module:ClassName'")
+    module_name, qual = path.split(":", 1)
+    try:
+        obj: Any = importlib.import_module(module_name)
+        for part in qual.split("."):
+            obj = getattr(obj, part)
+    except (ImportError, AttributeError) as e:
+        raise ConfigError(
+            f"the {what} class {path!r} cannot be imported here ({e}); pass {what}= an instance built the "
+            "same way as in training"
+        ) from e
+    if not (isinstance(obj, type) and issubclass(obj, base)):
+        raise CheckpointError(
+            f"manifest field {field_name!r} names {path!r}, which is not a {base.__name__} subclass; refused"
+        )
+    return obj
+
+
+def _rebuild_model(manifest: Manifest) -> torch.nn.Module:
+    info = manifest.data["model"]
+    cls = _import_class(info.get("class"), torch.nn.Module, "model", "model.class")
+    args = info.get("args")
+    if args is None:
+        required = [
+            p.name
+            for p in list(inspect.signature(cls.__init__).parameters.values())[1:]
+            if p.default is inspect.Parameter.empty and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+        ]
+        if required:
+            raise ConfigError(
+                f"model=None, but {info.get('class')} needs arguments {required} that were not recorded; "
+                "pass model= an instance, or record model_args={...} in track() so restore can rebuild it"
+            )
+        args = {}
+    if not isinstance(args, dict):
+        raise CheckpointError(f"{manifest.path / MANIFEST}: field 'model.args' is {args!r}, expected an object")
+    model: torch.nn.Module = cls(**args)
+    return model
+
+
+def _rebuild_optimizer(manifest: Manifest, model: torch.nn.Module) -> torch.optim.Optimizer:
+    info = manifest.data["optimizer"]
+    cls = _import_class(info.get("class"), torch.optim.Optimizer, "optimizer", "optimizer.class")
+    accepted = set(inspect.signature(cls.__init__).parameters)
+    defaults = {k: v for k, v in (info.get("defaults") or {}).items() if k in accepted}
+    opt: torch.optim.Optimizer = cls(model.parameters(), **defaults)
+    return opt
+
+
+def _move_optimizer_state(opt: torch.optim.Optimizer, device: torch.device) -> None:
+    # load_state_dict casts state to each parameter's device already; "step" stays where torch wants it.
+    for state in opt.state.values():
+        for key, value in state.items():
+            if isinstance(value, torch.Tensor) and key != "step" and value.device != device:
+                state[key] = value.to(device)
+
+
+# -- resume and sync --------------------------------------------------------------------------------
+def latest_checkpoint(client: MlflowClient, run_id: str) -> tuple[Any, Any] | None:
+    """The newest checkpoint of a run (best or "last"), loaded on the CPU, for ``resume``."""
+    tags = client.get_run(run_id).data.tags
+    candidates: list[tuple[int, _Source]] = []
+    if TAG + "best_model_id" in tags:
+        src = _resolve_run(client, run_id)
+        candidates.append((int(tags.get(TAG + "best_epoch", -1)), src))
+    if TAG + "last_checkpoint" in tags:
+        run = client.get_run(run_id)
+        uri = run.info.artifact_uri.rstrip("/") + "/" + tags[TAG + "last_checkpoint"]
+        candidates.append((int(tags.get(TAG + "last_epoch", -1)), _Source(uri, tags.get(TAG + "last_sha256"), run_id)))
+    for _, src in sorted(candidates, key=lambda c: -c[0]):
+        try:
+            folder = fetch(client, src, home() / "cache")
+        except CheckpointError as e:
+            warnings.warn(f"mlflow_best: skipping a damaged checkpoint while resuming: {e}", RuntimeWarning, stacklevel=3)
+            continue
+        return load_file(folder / MODEL_FILE, "cpu"), load_file(folder / TRAINING_FILE, "cpu")
+    return None
+
+
+def sync_staging(client: MlflowClient, staging: Path, *, quiet: bool = False) -> list[str]:
+    """Send a staging folder's unsent operations into its run, in order; return what is still unsent."""
+    run_file = staging / RUN_FILE
+    if not run_file.is_file():
+        return []
+    info = json.loads(run_file.read_text(encoding="utf-8"))
+    ops = read_unsent(staging)
+    if not ops:
+        return []
+    journal = Journal(staging)
+    publisher = Publisher(
+        client,
+        info["run_id"],
+        info["experiment_id"],
+        info["monitor"],
+        Criterion(info["mode"], float(info.get("min_delta", 0.0))),
+        info.get("registered_model"),
+        info.get("alias"),
+    )
+    left: list[str] = []
+    try:
+        for queued in ops:
+            op: Op = queued
+            if isinstance(op, CheckpointOp):
+                try:
+                    verify_checkpoint(Path(op.folder))
+                except CheckpointError as e:
+                    if not quiet:
+                        warnings.warn(
+                            f"mlflow_best: {describe(op)} was never completely written ({e}); sending "
+                            "that epoch's metrics without it",
+                            RuntimeWarning,
+                            stacklevel=2,
+                        )
+                    op = MetricsOp(op.seq, op.epoch, op.metrics, op.timestamp_ms)
+            try:
+                publisher(op)
+            except MlflowException as e:
+                left.append(f"{describe(op)}: {e.message}")
+                break
+            journal.mark_sent(op)
+    finally:
+        journal.close()
+    return left
+
+
+def sync(run_id: str, *, tracking_uri: str | None = None, staging_dir: str | os.PathLike[str] | None = None) -> int:
+    """Upload what a run could not send (a dead server, a killed process) into that same run.
+
+    Args:
+        run_id: the run whose local staging folder holds unsent metrics and checkpoints.
+        tracking_uri: the MLflow tracking URI; None uses the one recorded for the run.
+        staging_dir: the ``staging_dir=`` given to ``track``, if any.
+
+    Returns:
+        The number of operations sent.
+
+    Raises:
+        CheckpointNotFoundError: there is no staging folder for ``run_id`` on this machine.
+        UnsentError: the tracking store still refused some of them (nothing is lost; call again).
+    """
+    root = Path(staging_dir) if staging_dir else home() / "runs"
+    staging = root / run_id
+    if not (staging / RUN_FILE).is_file():
+        raise CheckpointNotFoundError(
+            f"no staging folder for run {run_id} at {staging}; pass staging_dir= if track() used one"
+        )
+    info = json.loads((staging / RUN_FILE).read_text(encoding="utf-8"))
+    client = MlflowClient(tracking_uri=tracking_uri or info.get("tracking_uri") or mlflow.get_tracking_uri())
+    before = len(read_unsent(staging))
+    left = sync_staging(client, staging)
+    if left:
+        raise UnsentError(
+            f"mlflow_best.sync: {len(left)} item(s) of run {run_id} still did not reach MLflow: {left[0]}",
+            str(staging),
+            left,
+        )
+    return before

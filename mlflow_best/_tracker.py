@@ -1,0 +1,599 @@
+"""The context manager: start or resume a run, log every epoch, hand improvements to the pipeline."""
+
+from __future__ import annotations
+
+import math
+import numbers
+import os
+import sys
+import tempfile
+import time
+import uuid
+import warnings
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import mlflow
+import torch
+from mlflow import MlflowClient
+from mlflow.entities import Param, RunStatus, RunTag
+from mlflow.exceptions import MlflowException
+
+from mlflow_best import _distributed as dist
+from mlflow_best._config import TrackConfig, home
+from mlflow_best._errors import ConfigError, MetricError, TrackingStoreError, UnsentError
+from mlflow_best._registry import TAG, Publisher, checkpoint_name, ensure_registered_model, is_missing
+from mlflow_best._state import SnapshotPool, capture_rng, class_path, to_plain, unwrap_model
+from mlflow_best._version import __version__
+from mlflow_best._writer import CheckpointOp, EndOp, Journal, MetricsOp, Pipeline, TagsOp, describe
+
+# MLflow's HTTP client retries for ~4 minutes by default; our pipeline retries on its own, off the
+# training loop, so each single call is kept short. A user's own setting wins.
+_HTTP_DEFAULTS = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "20",
+}
+
+
+@dataclass
+class Best:
+    """The best epoch so far: its number, monitored value, and registered version once published."""
+
+    epoch: int | None = None
+    value: float | None = None
+    version: str | None = None
+    model_id: str | None = None
+
+
+class Run:
+    """A tracked training run; use it through ``with mlflow_best.track(...) as run``.
+
+    Attributes:
+        run_id: the MLflow run id (also after the block).
+        experiment_id: the MLflow experiment id.
+        start_epoch: the first epoch to train: 0, or the epoch after the checkpoint resumed from.
+        best: the best epoch so far (``Best``); ``best.version`` is filled once registered.
+        staging_dir: the local folder that holds checkpoints and metrics until MLflow has them.
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        optimizer: torch.optim.Optimizer | None,
+        config: TrackConfig,
+        scheduler: Any = None,
+        scaler: Any = None,
+        generators: Mapping[str, torch.Generator] | None = None,
+    ) -> None:
+        if not isinstance(model, torch.nn.Module):
+            raise ConfigError(f"model={type(model).__name__} must be a torch.nn.Module")
+        if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
+            raise ConfigError(f"optimizer={type(optimizer).__name__} must be a torch.optim.Optimizer or None")
+        for name, obj in (("scheduler", scheduler), ("scaler", scaler)):
+            if obj is not None and not (hasattr(obj, "state_dict") and hasattr(obj, "load_state_dict")):
+                raise ConfigError(f"{name}={type(obj).__name__} has no state_dict/load_state_dict; pass None")
+        if generators is not None and not all(isinstance(g, torch.Generator) for g in generators.values()):
+            raise ConfigError("generators= must map names to torch.Generator objects, e.g. {'loader': g}")
+        self.model = model
+        self.optimizer = optimizer
+        self.scheduler = scheduler
+        self.scaler = scaler
+        self.generators = dict(generators or {})
+        self.config = config
+        self.run_id: str = ""
+        self.experiment_id: str = ""
+        self.start_epoch = 0
+        self.best = Best()
+        self.staging_dir = Path()
+        self.tracking_uri = ""
+        self.improvements: list[int] = []
+        self._last_epoch: int | None = None
+        self._last_metrics: dict[str, float] = {}
+        self._last_saved_epoch: int | None = None
+        self._leader = dist.rank() == 0
+        self._pipeline: Pipeline | None = None
+        self._pool = SnapshotPool(slots=2)
+        self._client: MlflowClient | None = None
+        self._fluent = False
+        self._stalls: list[float] = []
+
+    # -- start -----------------------------------------------------------------------------------
+    def __enter__(self) -> Run:
+        if self._leader:
+            self._start()
+        state = dist.broadcast(
+            (self.run_id, self.experiment_id, self.start_epoch, self.best, self._resume_payload())
+            if self._leader
+            else None
+        )
+        self.run_id, self.experiment_id, self.start_epoch, self.best, payload = state
+        if not self._leader and payload is not None:
+            self._apply(payload[0], payload[1], rank=dist.rank())
+        self._resume_state: Any = None
+        return self
+
+    def _resume_payload(self) -> Any:
+        return getattr(self, "_resume_state", None)
+
+    def _start(self) -> None:
+        cfg = self.config
+        for key, value in _HTTP_DEFAULTS.items():
+            os.environ.setdefault(key, value)
+        self.tracking_uri = cfg.tracking_uri or mlflow.get_tracking_uri()
+        client = MlflowClient(tracking_uri=self.tracking_uri)
+        self._client = client
+        try:
+            if cfg.resume is not None:
+                run = self._reopen(client, cfg.resume)
+            else:
+                run = self._create(client)
+        except MlflowException as e:
+            raise TrackingStoreError(
+                f"the tracking store at {self.tracking_uri!r} refused or did not answer ({e.message}); "
+                "check MLFLOW_TRACKING_URI / tracking_uri= and that the server is running"
+            ) from e
+        self.run_id = run.info.run_id
+        self.experiment_id = run.info.experiment_id
+        self.staging_dir = self._staging_for(self.run_id)
+        journal = Journal(self.staging_dir)
+        _write_run_file(self.staging_dir, self.run_id, self.experiment_id, self.tracking_uri, cfg)
+        publisher = Publisher(
+            client,
+            self.run_id,
+            self.experiment_id,
+            cfg.monitor,
+            cfg.criterion,
+            cfg.registered_model,
+            cfg.alias,
+            on_registered=self._on_registered,
+        )
+        self._pipeline = Pipeline(journal, publisher)
+        if cfg.resume is not None:
+            self._load_latest(client)
+        if cfg.tracking_uri is None or cfg.tracking_uri == mlflow.get_tracking_uri():
+            # The run is the active fluent run inside the block, so mlflow.log_* calls land in it.
+            if mlflow.active_run() is None:
+                mlflow.start_run(run_id=self.run_id)
+                self._fluent = True
+
+    def _create(self, client: MlflowClient) -> Any:
+        cfg = self.config
+        experiment_id = _ensure_experiment(client, cfg.experiment)
+        if cfg.registered_model:
+            ensure_registered_model(client, cfg.registered_model)
+        # Checked before the run exists, so a bad staging dir leaves no empty run behind.
+        _check_writable(self._staging_root())
+        tags = {str(k): str(v) for k, v in (cfg.tags or {}).items()}
+        tags.update(self._own_tags())
+        run = client.create_run(experiment_id, run_name=cfg.run_name, tags=tags)
+        params = self._params()
+        client.log_batch(run.info.run_id, params=[Param(k, v) for k, v in params.items()])
+        return run
+
+    def _reopen(self, client: MlflowClient, run_id: str) -> Any:
+        try:
+            run = client.get_run(run_id)
+        except MlflowException as e:
+            if not is_missing(e) and e.error_code != "INVALID_PARAMETER_VALUE":
+                raise
+            raise ConfigError(
+                f"resume={run_id!r} is not a run in the tracking store at {self.tracking_uri!r}; pass the "
+                "run_id of an earlier run (printed as run.run_id), or resume=None to start a new run"
+            ) from e
+        if self.config.registered_model:
+            ensure_registered_model(client, self.config.registered_model)
+        _check_writable(self._staging_root())
+        known = run.data.params
+        new = {k: v for k, v in self._params().items() if k not in known}
+        changed = sorted(k for k, v in self._params().items() if k in known and known[k] != v)
+        if changed:
+            warnings.warn(
+                f"mlflow_best: resuming run {run_id} with different values for params {changed}; "
+                "MLflow keeps the first values",
+                RuntimeWarning,
+                stacklevel=4,
+            )
+        client.log_batch(
+            run_id,
+            params=[Param(k, v) for k, v in new.items()],
+            tags=[RunTag(k, v) for k, v in self._own_tags().items()],
+        )
+        client.update_run(run_id, status="RUNNING")
+        return run
+
+    def _own_tags(self) -> dict[str, str]:
+        cfg = self.config
+        tags = {
+            TAG + "version": __version__,
+            TAG + "monitor": cfg.monitor,
+            TAG + "mode": cfg.mode,
+        }
+        if cfg.registered_model:
+            tags[TAG + "registered_model"] = cfg.registered_model
+            if cfg.alias:
+                tags[TAG + "alias"] = cfg.alias
+        return tags
+
+    def _params(self) -> dict[str, str]:
+        cfg = self.config
+        net = unwrap_model(self.model)
+        params: dict[str, Any] = {
+            "monitor": cfg.monitor,
+            "mode": cfg.mode,
+            "min_delta": cfg.min_delta,
+            "model_class": class_path(net),
+            "model_parameters": sum(p.numel() for p in net.parameters()),
+        }
+        if self.optimizer is not None:
+            params["optimizer_class"] = class_path(self.optimizer)
+            group = self.optimizer.param_groups[0]
+            for key, value in group.items():
+                if key != "params" and isinstance(value, (int, float, str, bool, tuple, torch.Tensor)):
+                    params[f"optimizer.{key}"] = to_plain(value)
+        if self.scheduler is not None:
+            params["scheduler_class"] = class_path(self.scheduler)
+        params.update(cfg.params or {})
+        return {str(k): str(v)[:6000] for k, v in params.items()}
+
+    def _staging_root(self) -> Path:
+        return Path(self.config.staging_dir) if self.config.staging_dir else home() / "runs"
+
+    def _staging_for(self, run_id: str) -> Path:
+        return self._staging_root() / run_id
+
+    # -- resume ----------------------------------------------------------------------------------
+    def _load_latest(self, client: MlflowClient) -> None:
+        from mlflow_best._restore import latest_checkpoint, sync_staging
+
+        sync_staging(client, self.staging_dir, quiet=True)
+        tags = client.get_run(self.run_id).data.tags
+        if TAG + "best_value" in tags:
+            self.best = Best(
+                epoch=int(tags[TAG + "best_epoch"]),
+                value=float(tags[TAG + "best_value"]),
+                version=tags.get(TAG + "best_version"),
+                model_id=tags.get(TAG + "best_model_id"),
+            )
+        found = latest_checkpoint(client, self.run_id)
+        if found is None:
+            warnings.warn(
+                f"mlflow_best: run {self.run_id} has no checkpoint yet; resuming at epoch 0 with the "
+                "model and optimizer as given",
+                RuntimeWarning,
+                stacklevel=4,
+            )
+            return
+        model_state, training_state = found
+        self._apply(model_state, training_state, rank=0)
+        self._resume_state = (model_state, training_state) if dist.active() else None
+        self.start_epoch = int(training_state["epoch"]) + 1
+        self._last_epoch = int(training_state["epoch"])
+        self._last_saved_epoch = self._last_epoch
+
+    def _apply(self, model_state: Any, training_state: Any, rank: int) -> None:
+        from mlflow_best._restore import load_model_state
+        from mlflow_best._state import apply_rng
+
+        load_model_state(unwrap_model(self.model), model_state, source="the resumed checkpoint")
+        if self.optimizer is not None and training_state.get("optimizer") is not None:
+            self.optimizer.load_state_dict(training_state["optimizer"])
+        if self.scheduler is not None and training_state.get("scheduler") is not None:
+            self.scheduler.load_state_dict(training_state["scheduler"])
+        if self.scaler is not None and training_state.get("scaler") is not None:
+            self.scaler.load_state_dict(training_state["scaler"])
+        rngs = training_state.get("rng_per_rank") or [training_state.get("rng")]
+        if rngs and rngs[min(rank, len(rngs) - 1)] is not None:
+            apply_rng(rngs[min(rank, len(rngs) - 1)], self.generators)
+
+    # -- per epoch -------------------------------------------------------------------------------
+    def log_epoch(self, epoch: int, metrics: Mapping[str, Any]) -> bool:
+        """Log one epoch's metrics; checkpoint and register when the monitored metric improved.
+
+        Returns without waiting for disk or network: the state is copied to CPU memory and the
+        pipeline writes, uploads and registers it in the background.
+
+        Args:
+            epoch: the epoch number, increasing from ``run.start_epoch``; used as MLflow's step.
+            metrics: name -> number (float, int, 0-d tensor, numpy scalar); must hold the monitor.
+
+        Returns:
+            True when this epoch improved on the best so far (and a checkpoint was taken).
+
+        Raises:
+            MetricError: the monitor is missing or a value is not a number.
+        """
+        t0 = time.perf_counter()
+        values = self._check_metrics(epoch, metrics)
+        value = values[self.config.monitor]
+        decision = (False, False)
+        if self._leader:
+            improved = self.config.criterion.improves(value, self.best.value)
+            every = self.config.save_last_every
+            last_due = (
+                not improved
+                and every > 0
+                and (self._last_saved_epoch is None or epoch - self._last_saved_epoch >= every)
+            )
+            decision = (improved, last_due)
+        improved, last_due = dist.broadcast(decision)
+        rngs = dist.gather(capture_rng(self.generators)) if (improved or last_due) and dist.active() else None
+        self._last_epoch = epoch
+        if improved:
+            self.best = Best(epoch=epoch, value=value)
+            self.improvements.append(epoch)
+        if self._leader:
+            if improved:
+                values[f"best_{self.config.monitor}"] = value
+            elif self.best.value is not None:
+                values[f"best_{self.config.monitor}"] = self.best.value
+            self._last_metrics = values
+            if improved or last_due:
+                self._checkpoint(epoch, values, "best" if improved else "last", rngs)
+            else:
+                self._require_pipeline().submit(
+                    MetricsOp(self._require_pipeline().journal.next_seq(), epoch, values, _now_ms())
+                )
+            self._print_epoch(epoch, values, improved)
+        self._stalls.append(time.perf_counter() - t0)
+        return bool(improved)
+
+    def _check_metrics(self, epoch: int, metrics: Mapping[str, Any]) -> dict[str, float]:
+        if isinstance(epoch, bool) or not isinstance(epoch, numbers.Integral) or epoch < 0:
+            raise MetricError(f"epoch={epoch!r} must be an int >= 0 (used as MLflow's step)")
+        if self._last_epoch is not None and epoch <= self._last_epoch:
+            raise MetricError(
+                f"epoch={epoch} was already logged (last logged: {self._last_epoch}); epochs must increase. "
+                f"Loop with `for epoch in range(run.start_epoch, n)`"
+            )
+        if not isinstance(metrics, Mapping):
+            raise MetricError(f"metrics must be a mapping of name -> number, got {type(metrics).__name__}")
+        monitor = self.config.monitor
+        if monitor not in metrics:
+            got = ", ".join(repr(k) for k in metrics) or "nothing"
+            raise MetricError(
+                f"monitor={monitor!r} is not in the metrics passed to log_epoch (got: {got}); pass it, "
+                "or set monitor= to one of these"
+            )
+        values: dict[str, float] = {}
+        for key, raw in metrics.items():
+            if not isinstance(key, str) or not key:
+                raise MetricError(f"metric name {key!r} must be a non-empty str")
+            values[key] = _to_float(key, raw)
+        return values
+
+    def _checkpoint(self, epoch: int, values: dict[str, float], kind: str, rngs: list[Any] | None) -> None:
+        pipeline = self._require_pipeline()
+        cfg = self.config
+        value = values[cfg.monitor]
+        name = checkpoint_name(epoch, cfg.monitor, value) if kind == "best" else "last"
+        folder = self.staging_dir / "checkpoints" / name
+        training: dict[str, Any] = {
+            "epoch": epoch,
+            "metrics": dict(values),
+            "optimizer": self.optimizer.state_dict() if self.optimizer is not None else None,
+            "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
+            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+            "rng": rngs[0] if rngs else capture_rng(self.generators),
+        }
+        if rngs:
+            training["rng_per_rank"] = rngs
+        snapshot = self._pool.take(unwrap_model(self.model).state_dict(), training)
+        op = CheckpointOp(
+            seq=pipeline.journal.next_seq(),
+            epoch=epoch,
+            metrics=values,
+            timestamp_ms=_now_ms(),
+            kind="best" if kind == "best" else "last",
+            name=name,
+            value=value,
+            folder=str(folder),
+        )
+        pipeline.submit_checkpoint(op, snapshot, self._manifest_meta(epoch, value, values, kind))
+        self._last_saved_epoch = epoch
+
+    def _manifest_meta(self, epoch: int, value: float, values: dict[str, float], kind: str) -> dict[str, Any]:
+        import mlflow as _mlflow
+
+        net = unwrap_model(self.model)
+        opt = self.optimizer
+        return {
+            "kind": kind,
+            "epoch": epoch,
+            "monitor": self.config.monitor,
+            "mode": self.config.mode,
+            "value": value,
+            "metrics": values,
+            "run_id": self.run_id,
+            "model": {"class": class_path(net), "args": self.config.model_args},
+            "optimizer": None
+            if opt is None
+            else {"class": class_path(opt), "defaults": to_plain(opt.defaults)},
+            "scheduler": None if self.scheduler is None else {"class": class_path(self.scheduler)},
+            "scaler": self.scaler is not None,
+            "versions": {
+                "mlflow_best": __version__,
+                "torch": torch.__version__,
+                "mlflow": _mlflow.__version__,
+                "python": sys.version.split()[0],
+            },
+            "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }
+
+    def _on_registered(self, op: CheckpointOp) -> None:
+        if self.best.epoch == op.epoch:
+            self.best.version = op.progress.get("version")
+            self.best.model_id = op.progress.get("model_id")
+
+    def _require_pipeline(self) -> Pipeline:
+        if self._pipeline is None:
+            raise RuntimeError("log_epoch called outside the `with mlflow_best.track(...)` block")
+        return self._pipeline
+
+    def _print_epoch(self, epoch: int, values: dict[str, float], improved: bool) -> None:
+        if not self._verbose():
+            return
+        shown = "  ".join(f"{k}={v:.4f}" for k, v in values.items() if not k.startswith("best_"))
+        best = f"best {self.config.monitor}={self.best.value:.4f} (epoch {self.best.epoch})"
+        mark = "  ✓ checkpoint" if improved else ""
+        print(f"epoch {epoch:3d}  {shown}  | {best}{mark}", flush=True)
+
+    def _verbose(self) -> bool:
+        if self.config.verbose is not None:
+            return self.config.verbose
+        return sys.stdout.isatty()
+
+    # -- end -------------------------------------------------------------------------------------
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if not self._leader:
+            return None
+        if exc_type is None:
+            status = RunStatus.to_string(RunStatus.FINISHED)
+        elif issubclass(exc_type, KeyboardInterrupt):
+            status = RunStatus.to_string(RunStatus.KILLED)
+        else:
+            status = RunStatus.to_string(RunStatus.FAILED)
+        try:
+            self._finish(status, crashed=exc_type is not None)
+        except UnsentError as e:
+            if exc_type is None:
+                raise
+            warnings.warn(str(e), RuntimeWarning, stacklevel=2)
+        except Exception as e:
+            if exc_type is None:
+                raise
+            warnings.warn(
+                f"mlflow_best: ending run {self.run_id} failed ({e!r}); the exception raised in the "
+                "block follows",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+        return None
+
+    def _finish(self, status: str, crashed: bool) -> None:
+        pipeline = self._require_pipeline()
+        try:
+            if crashed and self.config.save_last_every and self._last_epoch is not None:
+                if self._last_saved_epoch != self._last_epoch:
+                    # The seed practice: a crash must not lose progress. The state as it is now,
+                    # labelled with the last completed epoch, so resume continues from here.
+                    self._checkpoint(self._last_epoch, dict(self._last_metrics), "last", None)
+            pipeline.submit(TagsOp(pipeline.journal.next_seq(), self._summary_tags()))
+            pipeline.submit(EndOp(pipeline.journal.next_seq(), status))
+        finally:
+            pending = pipeline.close(self.config.offline_timeout, progress=_progress_line)
+            if self._fluent:
+                _pop_fluent_run(self.run_id)
+        if self._verbose():
+            self._print_summary()
+        if pending:
+            lines = [describe(op) for op in pending]
+            raise UnsentError(
+                f"mlflow_best: {len(pending)} item(s) of run {self.run_id} did not reach MLflow at "
+                f"{self.tracking_uri!r}:\n  - " + "\n  - ".join(lines) + f"\nLocal copies are kept in "
+                f"{self.staging_dir}. When the server is back, upload them into the same run with "
+                f"mlflow_best.sync({self.run_id!r}) or `mlflow-best sync {self.run_id}`.",
+                str(self.staging_dir),
+                lines,
+            )
+
+    def _summary_tags(self) -> dict[str, str]:
+        return {TAG + "improvements": ",".join(str(e) for e in self.improvements)[:5000] or "none"}
+
+    def _print_summary(self) -> None:
+        b = self.best
+        if b.epoch is None:
+            print(f"mlflow_best: run {self.run_id} finished without a finite {self.config.monitor}")
+            return
+        version = f", registered as {self.config.registered_model} v{b.version}" if b.version else ""
+        print(
+            f"mlflow_best: best {self.config.monitor}={b.value:.4f} at epoch {b.epoch}{version} "
+            f"(run {self.run_id})"
+        )
+
+
+def _progress_line(in_flight: int, elapsed: float) -> None:
+    print(f"mlflow_best: finishing {in_flight} upload(s) to MLflow… {elapsed:.0f} s", file=sys.stderr, flush=True)
+
+
+def _pop_fluent_run(run_id: str) -> None:
+    from mlflow.tracking.fluent import _active_run_stack
+
+    stack = _active_run_stack.get()
+    if stack and stack[-1].info.run_id == run_id:
+        stack.pop()
+    os.environ.pop("MLFLOW_RUN_ID", None)
+
+
+def _ensure_experiment(client: MlflowClient, name: str | None) -> str:
+    if name is None:
+        name = os.environ.get("MLFLOW_EXPERIMENT_NAME") or "Default"
+    found = client.get_experiment_by_name(name)
+    if found is not None:
+        if found.lifecycle_stage == "deleted":
+            raise ConfigError(
+                f"experiment={name!r} is deleted in the tracking store; restore it in the MLflow UI or "
+                "pass another experiment name"
+            )
+        return str(found.experiment_id)
+    try:
+        return str(client.create_experiment(name))
+    except MlflowException as e:
+        if e.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+        again = client.get_experiment_by_name(name)
+        assert again is not None
+        return str(again.experiment_id)
+
+
+def _check_writable(root: Path) -> None:
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=root, prefix=f".probe-{uuid.uuid4().hex[:6]}") as f:
+            f.write(b"ok")
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:
+        raise ConfigError(
+            f"staging_dir={str(root)!r} is not writable ({e.strerror or e}); checkpoints are written there "
+            "before they are uploaded. Pass staging_dir= a writable folder or set MLFLOW_BEST_HOME"
+        ) from e
+
+
+def _to_float(key: str, raw: Any) -> float:
+    if isinstance(raw, torch.Tensor):
+        if raw.numel() != 1:
+            raise MetricError(
+                f"metric {key!r} is a tensor of shape {tuple(raw.shape)}; pass a scalar (e.g. loss.item())"
+            )
+        return float(raw.detach().cpu().item())
+    if isinstance(raw, bool) or not isinstance(raw, numbers.Real):
+        raise MetricError(f"metric {key!r} is {raw!r} ({type(raw).__name__}), not a number; pass a float")
+    value = float(raw)
+    return value if not math.isnan(value) else math.nan
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def _write_run_file(staging: Path, run_id: str, experiment_id: str, tracking_uri: str, cfg: TrackConfig) -> None:
+    """What ``sync`` needs to replay this staging folder into the same run from another process."""
+    import json
+
+    info = {
+        "run_id": run_id,
+        "experiment_id": experiment_id,
+        "tracking_uri": tracking_uri,
+        "monitor": cfg.monitor,
+        "mode": cfg.mode,
+        "min_delta": cfg.min_delta,
+        "registered_model": cfg.registered_model,
+        "alias": cfg.alias,
+    }
+    (staging / "run.json").write_text(json.dumps(info, indent=2), encoding="utf-8")
