@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import mlflow
@@ -9,13 +10,33 @@ from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
 from mlflow_best._criterion import Criterion
-from mlflow_best._errors import CheckpointNotFoundError, ConfigError
-from mlflow_best._registry import V_MODE, V_MONITOR, V_VALUE, _all_versions, best_version, is_missing
+from mlflow_best._errors import CheckpointNotFoundError, ConfigError, TrackingStoreError
+from mlflow_best._registry import (
+    V_MODE,
+    V_MONITOR,
+    V_PRUNED,
+    V_VALUE,
+    _all_versions,
+    best_version,
+    is_missing,
+)
 
 
 @dataclass(frozen=True)
 class Promotion:
-    """The result of ``promote``: which version now holds the alias, and why it was picked."""
+    """The result of ``promote``: which version now holds the alias, and why it was picked.
+
+    Attributes:
+        name: the registered model.
+        version: the version the alias points at now.
+        alias: the alias that was set.
+        monitor: the metric recorded on that version (None for a version not logged by ``track``).
+        mode: "min" or "max", how ``monitor`` was compared.
+        value: that version's value of ``monitor``.
+        previous: the version the alias pointed at before (None: it was unset).
+        picked_best: True when the version was picked as the best, False when it was given.
+        candidates: how many versions were compared when picking the best (0 when given).
+    """
 
     name: str
     version: str
@@ -24,6 +45,24 @@ class Promotion:
     mode: str | None
     value: float | None
     previous: str | None
+    picked_best: bool = False
+    candidates: int = 0
+
+    def __str__(self) -> str:
+        """``digits-mlp@champion -> v7 (best val_loss=0.1274 of 7 versions, mode min); was v5``."""
+        head = f"{self.name}@{self.alias} -> v{self.version}"
+        if self.picked_best and self.value is not None:
+            head += (
+                f" (best {self.monitor}={self.value:.4f} of {self.candidates} version(s), mode {self.mode}: "
+                f"{'lower' if self.mode == 'min' else 'higher'} is better)"
+            )
+        elif self.monitor is not None and self.value is not None:
+            head += f" ({self.monitor}={self.value:.4f})"
+        if self.previous is None:
+            return head + "; the alias was not set before"
+        if self.previous == self.version:
+            return head + "; it already pointed there"
+        return head + f"; was v{self.previous}"
 
 
 def promote(
@@ -39,55 +78,121 @@ def promote(
         tracking_uri: the MLflow tracking URI; None uses MLflow's own.
 
     Returns:
-        A ``Promotion`` naming the version, the metric and mode used, and the previous holder.
+        A ``Promotion`` naming the version, the metric and mode used, and the previous holder;
+        ``str()`` of it is a one-line report.
 
     Raises:
-        CheckpointNotFoundError: the model or version does not exist.
-        ConfigError: the versions record different metrics or modes, so "best" is ambiguous.
+        CheckpointNotFoundError: the model or version does not exist, or its files were pruned.
+        ConfigError: a malformed version or alias, or versions that record different metrics or
+            modes, so "best" is ambiguous.
+        TrackingStoreError: the tracking store refused a call.
+
+    Example:
+        >>> print(mlflow_best.promote("digits-mlp"))  # doctest: +SKIP
+        digits-mlp@champion -> v7 (best val_loss=0.1274 of 7 version(s), mode min: lower is better); was v5
     """
+    if version is not None and (isinstance(version, bool) or not str(version).isdigit()):
+        raise ConfigError(f"version={version!r} must be a version number such as 3, or None to pick the best")
+    if not isinstance(alias, str) or not alias:
+        raise ConfigError(f"alias={alias!r} must be a non-empty str, e.g. alias='champion'")
+    if alias.lower() == "latest" or (alias[:1] in "vV" and alias[1:].isdigit()):
+        raise ConfigError(f"alias={alias!r} is reserved by the MLflow registry (latest, v<N>); pick another")
     client = MlflowClient(tracking_uri=tracking_uri or mlflow.get_tracking_uri())
+    try:
+        return _promote(client, name, None if version is None else str(version), alias)
+    except MlflowException as e:
+        if e.error_code == "INVALID_PARAMETER_VALUE":
+            raise ConfigError(f"MLflow refused promote({name!r}, alias={alias!r}): {e.message}") from e
+        raise TrackingStoreError(
+            f"promote({name!r}) failed at the tracking store {client.tracking_uri!r}: {e.message}"
+        ) from e
+
+
+def _promote(client: MlflowClient, name: str, version: str | None, alias: str) -> Promotion:
     try:
         client.get_registered_model(name)
     except MlflowException as e:
-        if is_missing(e):
-            raise CheckpointNotFoundError(f"registered model {name!r} does not exist") from e
-        raise
+        if not is_missing(e):
+            raise
+        known = [m.name for m in client.search_registered_models(max_results=20)]
+        raise CheckpointNotFoundError(
+            f"registered model {name!r} does not exist in {client.tracking_uri!r} (it has: "
+            f"{', '.join(repr(k) for k in known) or 'no registered models'}); pass one of these, or train "
+            "with track(registered_model=...) first"
+        ) from e
     monitor = mode = None
     value = None
+    versions = _all_versions(client, name)
+    candidates = 0
     if version is None:
-        versions = [v for v in _all_versions(client, name) if V_MONITOR in (v.tags or {})]
-        kinds = {(v.tags[V_MONITOR], v.tags.get(V_MODE, "min")) for v in versions}
+        ours = [v for v in versions if V_MONITOR in (v.tags or {}) and V_PRUNED not in (v.tags or {})]
+        kinds = {(v.tags[V_MONITOR], v.tags.get(V_MODE, "min")) for v in ours}
         if not kinds:
             raise CheckpointNotFoundError(
-                f"registered model {name!r} has no version logged by mlflow_best; pass version= explicitly"
+                f"registered model {name!r} has no version logged by mlflow_best.track, so there is no "
+                "recorded metric to pick the best by; pass version= explicitly"
             )
         if len(kinds) > 1:
             raise ConfigError(
-                f"the versions of {name!r} record different metrics/modes {sorted(kinds)}; pass version="
+                f"the versions of {name!r} record different metrics/modes {sorted(kinds)}, so 'best' is "
+                "ambiguous; pass version= explicitly"
             )
         monitor, mode = kinds.pop()
-        best = best_version(client, name, monitor, Criterion(mode))  # type: ignore[arg-type]
+        best = best_version(client, name, monitor, Criterion(mode))
         if best is None:
-            raise CheckpointNotFoundError(f"no version of {name!r} has a finite {monitor!r}; pass version=")
+            raise CheckpointNotFoundError(
+                f"no version of {name!r} has a finite {monitor!r}; pass version= explicitly"
+            )
         version = str(best.version)
         value = float(best.tags[V_VALUE])
-    version = str(version)
-    if not version.isdigit():
-        raise ConfigError(f"version={version!r} must be a version number such as 3")
-    try:
-        mv = client.get_model_version(name, version)
-    except MlflowException as e:
-        if is_missing(e):
-            raise CheckpointNotFoundError(f"registered model {name!r} has no version {version}") from e
-        raise
+        candidates = sum(1 for v in ours if _finite(v.tags.get(V_VALUE)))
+    existing = sorted(int(v.version) for v in versions)
+    mv = next((v for v in versions if str(v.version) == version), None)
+    if mv is None:
+        has = _ranges(existing) or "no versions"
+        raise CheckpointNotFoundError(
+            f"registered model {name!r} has no version {version} (it has {has}); pass one of these, or "
+            "omit the version to promote the best"
+        )
+    if V_PRUNED in (mv.tags or {}):
+        raise CheckpointNotFoundError(
+            f"version {version} of {name!r} was pruned by track(keep=...): its files are deleted and it "
+            "cannot be restored; promote another version"
+        )
     previous: str | None
     try:
         previous = str(client.get_model_version_by_alias(name, alias).version)
-    except MlflowException:
+    except MlflowException as e:
+        if not is_missing(e):
+            raise
         previous = None
     client.set_registered_model_alias(name, alias, str(mv.version))
     tags = mv.tags or {}
     if monitor is None and V_MONITOR in tags:
         monitor, mode = tags[V_MONITOR], tags.get(V_MODE)
-        value = float(tags[V_VALUE]) if V_VALUE in tags else None
-    return Promotion(name, str(mv.version), alias, monitor, mode, value, previous)
+        value = float(tags[V_VALUE]) if _finite(tags.get(V_VALUE)) else None
+    return Promotion(name, str(mv.version), alias, monitor, mode, value, previous,
+                     picked_best=candidates > 0, candidates=candidates)
+
+
+def _finite(raw: str | None) -> bool:
+    try:
+        return raw is not None and math.isfinite(float(raw))
+    except ValueError:
+        return False
+
+
+def _ranges(numbers: list[int]) -> str:
+    """``[1, 2, 3, 5]`` -> ``'versions 1-3, 5'``: short even for a model with hundreds of versions."""
+    if not numbers:
+        return ""
+    parts: list[str] = []
+    start = prev = numbers[0]
+    for n in [*numbers[1:], None]:
+        if n is not None and n == prev + 1:
+            prev = n
+            continue
+        parts.append(str(start) if start == prev else f"{start}-{prev}")
+        if n is not None:
+            start = prev = n
+    return ("version " if len(numbers) == 1 else "versions ") + ", ".join(parts)

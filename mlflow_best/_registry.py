@@ -18,7 +18,7 @@ from mlflow.exceptions import MlflowException
 
 from mlflow_best._checkpoint import manifest_sha256
 from mlflow_best._criterion import Criterion
-from mlflow_best._writer import CheckpointOp, EndOp, MetricsOp, Op, TagsOp
+from mlflow_best._writer import ArtifactOp, CheckpointOp, EndOp, MetricsOp, Op, TagsOp
 
 TAG = "mlflow_best."
 # Tags on each model version; plain keys so they read well in the registry UI.
@@ -113,11 +113,10 @@ def move_alias_to_best(
             if not is_missing(e):
                 raise
             holder = None
-        if holder == target and attempt > 0:
+        if holder == target:
             return target
-        if holder != target:
-            client.set_registered_model_alias(name, alias, target)
-        time.sleep(0.05 * (attempt + 1))
+        client.set_registered_model_alias(name, alias, target)
+        time.sleep(0.05 * (attempt + 1))  # then re-read: a concurrent writer may have moved it
     return target
 
 
@@ -134,6 +133,7 @@ class Publisher:
         registered_model: str | None,
         alias: str | None,
         on_registered: Callable[[CheckpointOp], None] | None = None,
+        keep: int | None = None,
     ) -> None:
         self.client = client
         self.run_id = run_id
@@ -143,6 +143,7 @@ class Publisher:
         self.registered_model = registered_model
         self.alias = alias
         self.on_registered = on_registered
+        self.keep = keep
 
     def __call__(self, op: Op) -> None:
         if isinstance(op, MetricsOp):
@@ -154,6 +155,8 @@ class Publisher:
                 self._publish_best(op)
         elif isinstance(op, TagsOp):
             self.client.log_batch(self.run_id, tags=[RunTag(k, v) for k, v in op.tags.items()])
+        elif isinstance(op, ArtifactOp):
+            self.client.log_artifact(self.run_id, op.path, op.artifact_path)
         elif isinstance(op, EndOp):
             self.client.set_terminated(self.run_id, op.status)
 
@@ -221,9 +224,46 @@ class Publisher:
         }
         if "version" in p:
             run_tags[TAG + "best_version"] = p["version"]
+            if "model_tagged" not in p:
+                self.client.set_logged_model_tags(model_id, {TAG + "version": p["version"]})
+                p["model_tagged"] = True
         self.client.log_batch(self.run_id, tags=[RunTag(k, v) for k, v in run_tags.items()])
+        if self.keep is not None:
+            self._prune(self.keep)
         if self.on_registered is not None:
             self.on_registered(op)
+
+    def _prune(self, keep: int) -> None:
+        """Delete the files of this run's checkpoints outside the ``keep`` best; tag them as pruned.
+
+        Versions are tagged, not deleted: their lineage (run, epoch, metrics) stays visible in the
+        registry and version numbers keep no gaps; ``restore`` names the pruning when asked for one.
+        The version holding the alias is never pruned.
+        """
+        models = _search_logged_models(self.client, self.experiment_id, self.run_id)
+        ours = [
+            m
+            for m in models
+            if (m.tags or {}).get(V_MONITOR) == self.monitor and V_PRUNED not in (m.tags or {})
+            and str(m.status).endswith("READY")
+        ]
+        ours.sort(key=lambda m: (float(m.tags[V_VALUE]) * (1 if self.criterion.mode == "min" else -1),
+                                 -int(m.tags[V_EPOCH])))
+        holder: str | None = None
+        if self.registered_model and self.alias:
+            try:
+                holder = str(self.client.get_model_version_by_alias(self.registered_model, self.alias).version)
+            except MlflowException as e:
+                if not is_missing(e):
+                    raise
+        for m in ours[keep:]:
+            version = (m.tags or {}).get(TAG + "version")
+            if version is not None and version == holder:
+                continue
+            _delete_artifacts(m.artifact_location)
+            self.client.set_logged_model_tags(m.model_id, {V_PRUNED: "true"})
+            if version is not None and self.registered_model:
+                self.client.set_model_version_tag(self.registered_model, version, V_PRUNED, "true")
 
     def _publish_last(self, op: CheckpointOp) -> None:
         p = op.progress
@@ -252,11 +292,27 @@ class Publisher:
             _delete_run_artifacts(self.client, self.run_id, previous)
 
 
-def _delete_run_artifacts(client: MlflowClient, run_id: str, path: str) -> None:
+def _search_logged_models(client: MlflowClient, experiment_id: str, run_id: str) -> list[Any]:
+    out: list[Any] = []
+    token: str | None = None
+    while True:
+        page = client.search_logged_models(
+            [experiment_id], filter_string=f"source_run_id = '{run_id}'", max_results=100, page_token=token
+        )
+        out.extend(page)
+        token = page.token
+        if not token:
+            return out
+
+
+def _delete_artifacts(artifact_uri: str, path: str | None = None) -> None:
     from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
 
-    repo = get_artifact_repository(client.get_run(run_id).info.artifact_uri)
     try:
-        repo.delete_artifacts(path)
+        get_artifact_repository(artifact_uri).delete_artifacts(path)
     except (NotImplementedError, MlflowException, OSError):
-        pass  # a stale "last" folder costs storage only; the tag points at the current one
+        pass  # a stale folder costs storage only; tags point at what is current
+
+
+def _delete_run_artifacts(client: MlflowClient, run_id: str, path: str) -> None:
+    _delete_artifacts(client.get_run(run_id).info.artifact_uri, path)

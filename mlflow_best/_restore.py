@@ -41,7 +41,7 @@ from mlflow_best._errors import (
     TrackingStoreError,
     UnsentError,
 )
-from mlflow_best._registry import TAG, V_SHA, Publisher, is_missing
+from mlflow_best._registry import TAG, V_PRUNED, V_SHA, Publisher, is_missing
 from mlflow_best._state import apply_rng, unwrap_model
 from mlflow_best._writer import CheckpointOp, Journal, MetricsOp, Op, describe, read_unsent
 
@@ -250,12 +250,21 @@ def _from_version(client: MlflowClient, mv: Any) -> _Source:
             f"model version {mv.name}/{mv.version} was not logged by mlflow_best (source {mv.source!r}); "
             "restore only reads versions that track() registered"
         )
+    if V_PRUNED in (mv.tags or {}):
+        raise CheckpointNotFoundError(
+            f"version {mv.version} of {mv.name!r} was pruned by track(keep=...): its files were deleted to "
+            f"save storage; restore 'models:/{mv.name}@<alias>' or a newer version"
+        )
     src = _from_logged_model(client, model_id)
     return _Source(src.artifact_uri, (mv.tags or {}).get(V_SHA) or src.sha256, src.run_id, str(mv.version), model_id)
 
 
 def _from_logged_model(client: MlflowClient, model_id: str) -> _Source:
     lm = client.get_logged_model(model_id)
+    if V_PRUNED in (lm.tags or {}):
+        raise CheckpointNotFoundError(
+            f"logged model {model_id} ({lm.name}) was pruned by track(keep=...): its files were deleted"
+        )
     return _Source(lm.artifact_location, (lm.tags or {}).get(V_SHA), lm.source_run_id, None, model_id)
 
 
@@ -304,7 +313,8 @@ def _staged_best(run_id: str) -> Path | None:
 # -- download cache ---------------------------------------------------------------------------------
 def fetch(client: MlflowClient, source: _Source, cache: Path) -> Path:
     """A verified local copy of ``source``: from the cache when its files are unchanged, else downloaded."""
-    if os.path.isdir(source.artifact_uri):
+    if source.sha256 is None and os.path.isdir(source.artifact_uri):
+        # A local staged copy with no recorded hash: verified in place against its manifest.
         folder = Path(source.artifact_uri)
         verify_checkpoint(folder)
         return folder
@@ -494,6 +504,7 @@ def sync_staging(client: MlflowClient, staging: Path, *, quiet: bool = False) ->
         Criterion(info["mode"], float(info.get("min_delta", 0.0))),
         info.get("registered_model"),
         info.get("alias"),
+        keep=info.get("keep"),
     )
     left: list[str] = []
     try:

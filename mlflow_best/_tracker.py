@@ -25,10 +25,20 @@ from mlflow.exceptions import MlflowException
 from mlflow_best import _distributed as dist
 from mlflow_best._config import TrackConfig, home
 from mlflow_best._errors import ConfigError, MetricError, TrackingStoreError, UnsentError
+from mlflow_best._plot import EpochPoint, plot_filename, render_metric_plot
 from mlflow_best._registry import TAG, Publisher, checkpoint_name, ensure_registered_model, is_missing
 from mlflow_best._state import SnapshotPool, capture_rng, class_path, to_plain, unwrap_model
 from mlflow_best._version import __version__
-from mlflow_best._writer import CheckpointOp, EndOp, Journal, MetricsOp, Pipeline, TagsOp, describe
+from mlflow_best._writer import (
+    ArtifactOp,
+    CheckpointOp,
+    EndOp,
+    Journal,
+    MetricsOp,
+    Pipeline,
+    TagsOp,
+    describe,
+)
 
 # MLflow's HTTP client retries for ~4 minutes by default; our pipeline retries on its own, off the
 # training loop, so each single call is kept short. A user's own setting wins.
@@ -100,6 +110,10 @@ class Run:
         self._client: MlflowClient | None = None
         self._fluent = False
         self._stalls: list[float] = []
+        # The monitored value per epoch, for the console lines and the plot logged at the end.
+        self.history: list[EpochPoint] = []
+        self._t_enter = time.monotonic()
+        self._t_epoch = self._t_enter
 
     # -- start -----------------------------------------------------------------------------------
     def __enter__(self) -> Run:
@@ -150,10 +164,13 @@ class Run:
             cfg.registered_model,
             cfg.alias,
             on_registered=self._on_registered,
+            keep=cfg.keep,
         )
         self._pipeline = Pipeline(journal, publisher)
         if cfg.resume is not None:
             self._load_latest(client)
+            self.history = _earlier_points(client, self.run_id, cfg, self.start_epoch)
+        self._t_enter = self._t_epoch = time.monotonic()
         if cfg.tracking_uri is None or cfg.tracking_uri == mlflow.get_tracking_uri():
             # The run is the active fluent run inside the block, so mlflow.log_* calls land in it.
             if mlflow.active_run() is None:
@@ -322,6 +339,7 @@ class Run:
         improved, last_due = dist.broadcast(decision)
         rngs = dist.gather(capture_rng(self.generators)) if (improved or last_due) and dist.active() else None
         self._last_epoch = epoch
+        previous = self.best
         if improved:
             self.best = Best(epoch=epoch, value=value)
             self.improvements.append(epoch)
@@ -337,7 +355,8 @@ class Run:
                 self._require_pipeline().submit(
                     MetricsOp(self._require_pipeline().journal.next_seq(), epoch, values, _now_ms())
                 )
-            self._print_epoch(epoch, values, improved)
+            self.history.append(EpochPoint(epoch, value, bool(improved)))
+            self._print_epoch(epoch, values, previous, bool(improved), bool(last_due))
         self._stalls.append(time.perf_counter() - t0)
         return bool(improved)
 
@@ -433,13 +452,24 @@ class Run:
             raise RuntimeError("log_epoch called outside the `with mlflow_best.track(...)` block")
         return self._pipeline
 
-    def _print_epoch(self, epoch: int, values: dict[str, float], improved: bool) -> None:
+    def _print_epoch(
+        self, epoch: int, values: dict[str, float], previous: Best, improved: bool, last_saved: bool
+    ) -> None:
+        now = time.monotonic()
+        took, self._t_epoch = now - self._t_epoch, now
         if not self._verbose():
             return
-        shown = "  ".join(f"{k}={v:.4f}" for k, v in values.items() if not k.startswith("best_"))
-        best = f"best {self.config.monitor}={self.best.value:.4f} (epoch {self.best.epoch})"
-        mark = "  ✓ checkpoint" if improved else ""
-        print(f"epoch {epoch:3d}  {shown}  | {best}{mark}", flush=True)
+        monitor = self.config.monitor
+        shown = "  ".join(f"{k}={_fmt(v)}" for k, v in values.items() if k != f"best_{monitor}")
+        if improved:
+            was = "first" if previous.value is None else f"was {_fmt(previous.value)}, epoch {previous.epoch}"
+            status = f"{_mark()} new best {monitor} ({was}), checkpoint taken"
+        elif self.best.value is not None:
+            status = f"best {monitor}={_fmt(self.best.value)} at epoch {self.best.epoch}"
+            status += ", last state saved" if last_saved else ""
+        else:
+            status = f"no finite {monitor} yet"
+        print(f"epoch {epoch:3d}  {shown}  | {status}  [{took:.1f} s]", flush=True)
 
     def _verbose(self) -> bool:
         if self.config.verbose is not None:
@@ -483,6 +513,7 @@ class Run:
                     # The seed practice: a crash must not lose progress. The state as it is now,
                     # labelled with the last completed epoch, so resume continues from here.
                     self._checkpoint(self._last_epoch, dict(self._last_metrics), "last", None)
+            self._submit_plot(pipeline)
             pipeline.submit(TagsOp(pipeline.journal.next_seq(), self._summary_tags()))
             pipeline.submit(EndOp(pipeline.journal.next_seq(), status))
         finally:
@@ -490,7 +521,7 @@ class Run:
             if self._fluent:
                 _pop_fluent_run(self.run_id)
         if self._verbose():
-            self._print_summary()
+            self._print_summary(status, pending)
         if pending:
             lines = [describe(op) for op in pending]
             raise UnsentError(
@@ -505,16 +536,103 @@ class Run:
     def _summary_tags(self) -> dict[str, str]:
         return {TAG + "improvements": ",".join(str(e) for e in self.improvements)[:5000] or "none"}
 
-    def _print_summary(self) -> None:
-        b = self.best
-        if b.epoch is None:
-            print(f"mlflow_best: run {self.run_id} finished without a finite {self.config.monitor}")
+    def _submit_plot(self, pipeline: Pipeline) -> None:
+        """Draw the monitored metric into the staging folder; the pipeline uploads it like the rest."""
+        if not self.history:
             return
-        version = f", registered as {self.config.registered_model} v{b.version}" if b.version else ""
-        print(
-            f"mlflow_best: best {self.config.monitor}={b.value:.4f} at epoch {b.epoch}{version} "
-            f"(run {self.run_id})"
-        )
+        name = plot_filename(self.config.monitor)
+        try:
+            path = render_metric_plot(
+                self.staging_dir / "plots" / name, self.history, self.config.monitor, self.config.mode
+            )
+        except Exception as e:  # a picture is never worth failing the run's end
+            warnings.warn(f"mlflow_best: could not draw plots/{name} ({e!r}); the run is complete without it",
+                          RuntimeWarning, stacklevel=4)
+            return
+        pipeline.submit(ArtifactOp(pipeline.journal.next_seq(), str(path), "plots"))
+
+    def _print_summary(self, status: str, pending: list[Any]) -> None:
+        cfg, b = self.config, self.best
+        elapsed = time.monotonic() - self._t_enter
+        lines = [f"mlflow_best: run {self.run_id} {status}, {len(self.history)} epoch(s) in {elapsed:.1f} s"]
+        if b.epoch is None or b.value is None:
+            lines.append(f"  best          no finite {cfg.monitor} was logged, so nothing was checkpointed")
+        else:
+            lines.append(f"  best          {cfg.monitor}={_fmt(b.value)} at epoch {b.epoch} "
+                         f"({len(self.improvements)} improvement(s), each checkpointed)")
+        if cfg.registered_model and b.version:
+            name = cfg.registered_model
+            line = f"  registered    {name} v{b.version}  (models:/{name}/{b.version})"
+            holder = self._alias_holder() if cfg.alias and not pending else None
+            if holder is not None:
+                line += f"; @{cfg.alias} -> v{holder}" + (
+                    "" if holder == b.version else " (a better version from another run)"
+                )
+            lines.append(line)
+        if self.history and not pending:
+            lines.append(f"  plot          plots/{plot_filename(cfg.monitor)} in the run's artifacts")
+        ui = _ui_hint(self.tracking_uri, self.experiment_id, self.run_id)
+        if ui:
+            lines.append(f"  open the UI   {ui[0]}")
+            lines.extend(f"                {more}" for more in ui[1:])
+        if pending:
+            lines.append(f"  not sent      {len(pending)} item(s); see the error below")
+        print("\n".join(lines), flush=True)
+
+    def _alias_holder(self) -> str | None:
+        """The version the alias points at now; it may belong to another run's better epoch."""
+        if self._client is None or not self.config.registered_model or not self.config.alias:
+            return None
+        try:
+            mv = self._client.get_model_version_by_alias(self.config.registered_model, self.config.alias)
+        except MlflowException:
+            return None
+        return str(mv.version)
+
+
+def _fmt(value: float | None) -> str:
+    """4 decimals for the usual range; scientific where 4 decimals would print 0.0000 or a wall of digits."""
+    if value is None:
+        return "-"
+    if value != 0 and math.isfinite(value) and not 1e-3 <= abs(value) < 1e6:
+        return f"{value:.3e}"
+    return f"{value:.4f}"
+
+
+def _mark() -> str:
+    # A terminal or log file that cannot encode the check mark would raise in print().
+    try:
+        "✓".encode(sys.stdout.encoding or "ascii")
+    except (UnicodeEncodeError, LookupError):
+        return "*"
+    return "✓"
+
+
+def _ui_hint(tracking_uri: str, experiment_id: str, run_id: str) -> list[str]:
+    """How to look at this run: the server's page, or the `mlflow ui` command for a database store."""
+    page = f"#/experiments/{experiment_id}/runs/{run_id}"
+    if tracking_uri.startswith(("http://", "https://")):
+        return [f"{tracking_uri.rstrip('/')}/{page}"]
+    if "://" in tracking_uri and not tracking_uri.startswith(("databricks", "file:")):
+        return [f"mlflow ui --backend-store-uri {tracking_uri}", f"then http://127.0.0.1:5000/{page}"]
+    return []
+
+
+def _earlier_points(client: MlflowClient, run_id: str, cfg: TrackConfig, before: int) -> list[EpochPoint]:
+    """The monitored history of a resumed run, so its plot covers every epoch, not only this session's."""
+    try:
+        history = sorted(client.get_metric_history(run_id, cfg.monitor), key=lambda m: (m.step, m.timestamp))
+    except MlflowException:
+        return []
+    points: list[EpochPoint] = []
+    best: float | None = None
+    for m in history:
+        if m.step >= before or (points and points[-1].epoch == m.step):
+            continue
+        improved = cfg.criterion.improves(float(m.value), best)
+        best = float(m.value) if improved else best
+        points.append(EpochPoint(int(m.step), float(m.value), improved))
+    return points
 
 
 def _progress_line(in_flight: int, elapsed: float) -> None:
@@ -595,5 +713,6 @@ def _write_run_file(staging: Path, run_id: str, experiment_id: str, tracking_uri
         "min_delta": cfg.min_delta,
         "registered_model": cfg.registered_model,
         "alias": cfg.alias,
+        "keep": cfg.keep,
     }
     (staging / "run.json").write_text(json.dumps(info, indent=2), encoding="utf-8")

@@ -68,8 +68,24 @@ class EndOp:
     type: Literal["end"] = "end"
 
 
-Op = MetricsOp | CheckpointOp | TagsOp | EndOp
-_OP_TYPES: dict[str, type[Any]] = {"metrics": MetricsOp, "checkpoint": CheckpointOp, "tags": TagsOp, "end": EndOp}
+@dataclass
+class ArtifactOp:
+    """A small file of the staging folder (the run's metric plot) to log into the run's artifacts."""
+
+    seq: int
+    path: str
+    artifact_path: str
+    type: Literal["artifact"] = "artifact"
+
+
+Op = MetricsOp | CheckpointOp | TagsOp | ArtifactOp | EndOp
+_OP_TYPES: dict[str, type[Any]] = {
+    "metrics": MetricsOp,
+    "checkpoint": CheckpointOp,
+    "tags": TagsOp,
+    "artifact": ArtifactOp,
+    "end": EndOp,
+}
 
 
 def describe(op: Op) -> str:
@@ -79,6 +95,8 @@ def describe(op: Op) -> str:
         return f"{op.kind} checkpoint {op.name} (local copy: {op.folder})"
     if isinstance(op, TagsOp):
         return f"run tags {sorted(op.tags)}"
+    if isinstance(op, ArtifactOp):
+        return f"artifact {op.artifact_path}/{Path(op.path).name} (local copy: {op.path})"
     return f"run end (status {op.status})"
 
 

@@ -1,163 +1,319 @@
-"""``mlflow-best``: demo, runs, restore, promote and sync from the shell."""
+"""``mlflow-best``: demo, runs, restore, promote and sync from the shell.
+
+Errors are one line on stderr, ``error: <what is wrong>; <how to fix it>``, with exit status 1 for a
+failed operation and 2 for bad usage (click's convention); tracebacks are kept for real bugs.
+"""
 
 from __future__ import annotations
 
 import math
+import os
 import sys
-from typing import Any
+import uuid
+from pathlib import Path
+from typing import Any, NoReturn
 
 import click
 
 from mlflow_best._errors import MlflowBestError
 
-_URI_HELP = "MLflow tracking URI (default: MLFLOW_TRACKING_URI, else sqlite:///mlflow.db here)."
+_URI_HELP = "MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db in this folder)."
+_PT_SUFFIXES = (".pt", ".pth", ".bin")
 
 
-def _set_uri(uri: str | None) -> None:
+def _use_store(uri: str | None, *, must_exist: bool) -> str:
+    """Point MLflow at ``uri`` (or its default) and return it.
+
+    MLflow creates an empty sqlite database for any path it is given: a command that only reads
+    (``runs``, ``restore``, ``promote``) run from the wrong folder would litter an empty
+    ``mlflow.db`` and report "nothing found". Refuse that with the path instead.
+    """
     import mlflow
 
     if uri:
         mlflow.set_tracking_uri(uri)
+    current = str(mlflow.get_tracking_uri())
+    if must_exist and current.startswith("sqlite:///") and ":memory:" not in current:
+        path = Path(current[len("sqlite:///") :].split("?", 1)[0])
+        if not path.is_file():
+            raise click.ClickException(
+                f"no MLflow database at {path.resolve()} (tracking URI {current}); run this from the folder "
+                "that holds mlflow.db, or pass --tracking-uri / set MLFLOW_TRACKING_URI"
+            )
+    return current
 
 
 class _Group(click.Group):
+    """Turns our own errors and MLflow's into one line and a non-zero exit status."""
+
     def invoke(self, ctx: click.Context) -> Any:
+        from mlflow.exceptions import MlflowException
+
         try:
             return super().invoke(ctx)
+        except click.UsageError:
+            raise  # click shows the usage line with it and exits 2
+        except click.ClickException as e:
+            _fail(e.format_message())
         except MlflowBestError as e:
-            click.echo(f"error: {str(e).splitlines()[0]}", err=True)
-            sys.exit(2)
+            _fail(str(e))
+        except MlflowException as e:
+            _fail(f"MLflow refused the call: {e.message}")
 
 
-@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(package_name="mlflow-best")
+def _fail(message: str) -> NoReturn:
+    first = message.strip().splitlines()[0] if message.strip() else "failed"
+    click.echo(f"error: {first}", err=True)
+    sys.exit(1)
+
+
+@click.group(
+    cls=_Group,
+    context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
+    epilog="Run `mlflow-best COMMAND --help` for a command's options.",
+)
+@click.version_option(package_name="mlflow-best", prog_name="mlflow-best")
 def main() -> None:
-    """Keep the best PyTorch model in MLflow, and get it back anywhere."""
+    """Keep the best PyTorch model in MLflow, and get it back anywhere.
+
+    Every command talks to the tracking store given by --tracking-uri, else $MLFLOW_TRACKING_URI,
+    else sqlite:///mlflow.db in the current folder.
+
+    \b
+    A day with it:
+      mlflow-best demo                            train the digits demo (seconds, CPU)
+      mlflow-best runs                            every tracked run, best first
+      mlflow-best promote digits-mlp              point @champion at the best version
+      mlflow-best restore models:/digits-mlp@champion --out best.pt
+      mlflow-best sync RUN_ID                     upload what a run could not send
+    """
 
 
-@main.command()
-@click.option("--epochs", default=15, show_default=True, help="Epochs to train.")
-@click.option("--lr", default=0.01, show_default=True, help="Adam learning rate.")
-@click.option("--hidden", default=64, show_default=True, help="Hidden units of the MLP.")
-@click.option("--experiment", default="digits", show_default=True)
-@click.option("--registered-model", default="digits-mlp", show_default=True)
+@main.command(short_help="Train the digits demo through track() (seconds, CPU).")
+@click.option("--epochs", default=15, show_default=True, type=click.IntRange(min=1), help="Epochs to train.")
+@click.option("--lr", default=0.01, show_default=True, type=click.FloatRange(min=0, min_open=True),
+              help="Adam learning rate.")
+@click.option("--hidden", default=64, show_default=True, type=click.IntRange(min=1), help="Hidden units.")
+@click.option("--seed", default=0, show_default=True, type=int, help="Seed of the split, init and shuffling.")
+@click.option("--experiment", default="digits", show_default=True, help="MLflow experiment name.")
+@click.option("--registered-model", default="digits-mlp", show_default=True,
+              help="Registry name the improvements are registered as versions of.")
 @click.option("--tracking-uri", default=None, help=_URI_HELP)
-def demo(epochs: int, lr: float, hidden: int, experiment: str, registered_model: str, tracking_uri: str | None) -> None:
-    """Train a small MLP on scikit-learn's bundled digits data through track()."""
+def demo(epochs: int, lr: float, hidden: int, seed: int, experiment: str, registered_model: str,
+         tracking_uri: str | None) -> None:
+    """Train a small MLP on scikit-learn's bundled digits data through track().
+
+    Prints a line per epoch and a summary, registers each improvement as a version of
+    --registered-model with alias @best, then restores the best one and reports its test accuracy.
+    Nothing is downloaded.
+    """
     from mlflow_best._demo import run_demo
 
-    _set_uri(tracking_uri)
-    run_demo(epochs=epochs, lr=lr, hidden=hidden, experiment=experiment, registered_model=registered_model)
+    _use_store(tracking_uri, must_exist=False)
+    run_demo(epochs=epochs, lr=lr, hidden=hidden, experiment=experiment,
+             registered_model=registered_model, seed=seed)
 
 
-@main.command()
-@click.option("--experiment", "-e", default=None, help="Experiment name (default: all experiments).")
+@main.command(short_help="List tracked runs, best first.")
+@click.option("--experiment", "-e", default=None, help="Only this experiment (default: all of them).")
 @click.option("--tracking-uri", default=None, help=_URI_HELP)
 def runs(experiment: str | None, tracking_uri: str | None) -> None:
-    """A table of tracked runs: status, best metric, best epoch, version, alias; best first."""
+    """List the runs tracked by mlflow_best, best first.
+
+    One row per run: status, monitored metric and its best value, the epoch it was reached, the
+    registered version of that epoch, and the aliases pointing at that version. Runs are sorted
+    best first within each metric (lower first for mode min, higher first for mode max).
+    """
     import mlflow
     from mlflow import MlflowClient
 
     from mlflow_best._registry import TAG
 
-    _set_uri(tracking_uri)
+    _use_store(tracking_uri, must_exist=True)
     client = MlflowClient()
+    experiments = {e.experiment_id: e.name for e in client.search_experiments()}
     if experiment is not None:
-        exp = client.get_experiment_by_name(experiment)
-        if exp is None:
-            raise click.ClickException(f"experiment {experiment!r} does not exist")
-        ids = [exp.experiment_id]
+        ids = [i for i, n in experiments.items() if n == experiment]
+        if not ids:
+            raise click.ClickException(
+                f"experiment {experiment!r} does not exist (there are: "
+                f"{', '.join(repr(n) for n in sorted(experiments.values()))}); pass one of these"
+            )
     else:
-        ids = [e.experiment_id for e in client.search_experiments()]
+        ids = list(experiments)
     found = mlflow.search_runs(ids, filter_string=f"tags.`{TAG}monitor` != ''", output_format="list")
+    if not found:
+        click.echo("no runs tracked by mlflow_best here; train one with `mlflow-best demo` or track()")
+        return
+    aliases: dict[tuple[str, str], list[str]] = {}
+    key = TAG + "registered_model"
+    names = {str(r.data.tags[key]) for r in found if key in r.data.tags}
+    for name in names:
+        try:
+            for alias, version in client.get_registered_model(name).aliases.items():
+                aliases.setdefault((name, str(version)), []).append(alias)
+        except Exception:  # a deleted registered model: its runs are still worth listing
+            continue
     rows = []
     for r in found:
         tags = r.data.tags
-        value = float(tags.get(TAG + "best_value", "nan"))
-        mode = tags.get(TAG + "mode", "min")
-        alias = ""
+        value = _float(tags.get(TAG + "best_value"))
         model, version = tags.get(TAG + "registered_model"), tags.get(TAG + "best_version")
-        if model and version:
-            try:
-                mv = client.get_model_version(model, version)
-                alias = ",".join(mv.aliases)
-            except Exception:
-                alias = ""
-        rows.append({
-            "run_id": r.info.run_id, "run_name": r.info.run_name, "status": r.info.status,
-            "monitor": tags.get(TAG + "monitor", ""), "best": value, "mode": mode,
-            "best_epoch": tags.get(TAG + "best_epoch", "-"), "version": version or "-",
-            "alias": alias or "-",
-        })
-    if not rows:
-        click.echo("no runs tracked by mlflow_best here")
-        return
-    rows.sort(key=lambda x: (math.isnan(x["best"]), x["best"] if x["mode"] == "min" else -x["best"]))
-    import pandas as pd
-
-    frame = pd.DataFrame(rows)
-    frame["best"] = frame["best"].map(lambda v: "-" if math.isnan(v) else f"{v:.4f}")
-    click.echo(frame.to_string(index=False))
+        row = {
+            "run_id": r.info.run_id,
+            "run_name": r.info.run_name or "",
+            "status": r.info.status,
+            "metric": f"{tags.get(TAG + 'monitor', '')} ({tags.get(TAG + 'mode', 'min')})",
+            "best": value,
+            "epoch": tags.get(TAG + "best_epoch", "-"),
+            "version": f"{model} v{version}" if model and version else "-",
+            "alias": ",".join(f"@{a}" for a in sorted(aliases.get((model or "", version or ""), []))) or "-",
+        }
+        if experiment is None:
+            row = {"experiment": experiments.get(r.info.experiment_id, r.info.experiment_id), **row}
+        rows.append((tags.get(TAG + "mode", "min"), row))
+    rows.sort(key=lambda mr: (mr[1]["metric"], math.isnan(mr[1]["best"]),
+                              mr[1]["best"] if mr[0] == "min" else -mr[1]["best"]))
+    for _, row in rows:
+        row["best"] = "-" if math.isnan(row["best"]) else f"{row['best']:.4f}"
+    click.echo(_table([row for _, row in rows], right={"best", "epoch"}))
 
 
-@main.command()
+def _table(rows: list[dict[str, Any]], right: set[str]) -> str:
+    """Plain aligned columns: text left, numbers right, two spaces apart; greppable, no box drawing."""
+    columns = list(rows[0])
+    widths = {c: max(len(c), *(len(str(r[c])) for r in rows)) for c in columns}
+
+    def line(cells: dict[str, Any]) -> str:
+        return "  ".join(
+            str(cells[c]).rjust(widths[c]) if c in right else str(cells[c]).ljust(widths[c]) for c in columns
+        ).rstrip()
+
+    return "\n".join([line({c: c for c in columns}), *(line(r) for r in rows)])
+
+
+@main.command(short_help="Restore a checkpoint; optionally write its weights to a file.")
 @click.argument("ref")
-@click.option("--device", default="cpu", show_default=True, help="Where to load the model (cpu, cuda:0, ...).")
-@click.option("--out", type=click.Path(dir_okay=False), default=None,
-              help="Write the weights as a plain state_dict (.pt) or safetensors (.safetensors) file.")
+@click.option("--device", default="cpu", show_default=True, help="Where to load it: cpu, cuda, cuda:1, ...")
+@click.option("--out", type=click.Path(dir_okay=False, writable=True), default=None,
+              help="Also write the weights as a plain state_dict: FILE.pt (torch.save) or "
+                   "FILE.safetensors (needs `pip install safetensors`).")
 @click.option("--tracking-uri", default=None, help=_URI_HELP)
 def restore(ref: str, device: str, out: str | None, tracking_uri: str | None) -> None:
-    """Restore REF (run id, runs:/ID, models:/NAME/VERSION, models:/NAME@ALIAS) and report it."""
+    """Restore the checkpoint REF, verify it, load it onto --device, and report what it is.
+
+    \b
+    REF is one of:
+      RUN_ID or runs:/RUN_ID     that run's best checkpoint
+      models:/NAME@ALIAS         the version an alias points at (e.g. @champion, @best)
+      models:/NAME/VERSION       a registered version
+      a local checkpoint folder  as written by track()
+
+    The model is rebuilt from the class and model_args recorded at training time, so that class
+    must be importable here.
+    """
     import mlflow_best
 
-    _set_uri(tracking_uri)
+    writer = _out_writer(out) if out else None
+    _use_store(tracking_uri, must_exist=not Path(ref).is_dir())
     r = mlflow_best.restore(ref, device=device)
     params = sum(p.numel() for p in r.model.parameters())
-    click.echo(
-        f"restored {type(r.model).__name__} ({params:,} parameters) from epoch {r.epoch} of run {r.run_id}"
-        + (f", version {r.version}" if r.version else "")
-        + f" onto {device}"
-    )
-    click.echo("metrics: " + ", ".join(f"{k}={v:.4f}" for k, v in r.metrics.items()))
-    if out:
-        state = {k: v.detach().cpu().contiguous() for k, v in r.model.state_dict().items()}
-        if out.endswith(".safetensors"):
+    where = f"run {r.run_id}" + (f", version {r.version}" if r.version else "")
+    click.echo(f"restored {type(r.model).__name__} ({params:,} parameters) from epoch {r.epoch} of {where}, "
+               f"onto {device}")
+    click.echo("  metrics     " + "  ".join(f"{k}={v:.4f}" for k, v in r.metrics.items()))
+    model_info = r.manifest.get("model") or {}
+    click.echo(f"  monitor     {r.manifest.get('monitor')} ({r.manifest.get('mode')})")
+    click.echo(f"  model       {model_info.get('class')}  args={model_info.get('args')}")
+    click.echo(f"  verified    {r.path}")
+    if writer is not None and out is not None:
+        state = {k: v.detach().cpu().contiguous().clone() for k, v in r.model.state_dict().items()}
+        _write_atomic(Path(out), lambda tmp: writer(state, tmp))
+        click.echo(f"  wrote       {out} ({len(state)} tensors, {Path(out).stat().st_size:,} bytes)")
+
+
+def _out_writer(out: str) -> Any:
+    """The save function for --out's suffix; checked before the (possibly slow) restore."""
+    suffix = Path(out).suffix.lower()
+    if suffix == ".safetensors":
+        try:
             from safetensors.torch import save_file
+        except ImportError as e:
+            raise click.ClickException(
+                f"--out {out}: writing .safetensors needs the safetensors package, which is not installed "
+                "here; pip install safetensors, or write a .pt file instead"
+            ) from e
+        return lambda state, path: save_file(state, str(path), metadata={"format": "pt"})
+    if suffix in _PT_SUFFIXES:
+        import torch
 
-            save_file(state, out)
-        else:
-            import torch
+        return lambda state, path: torch.save(state, path)
+    raise click.BadParameter(
+        f"{out!r} has no known suffix; use FILE.pt (a torch state_dict) or FILE.safetensors",
+        param_hint="--out",
+    )
 
-            torch.save(state, out)
-        click.echo(f"wrote {out}")
+
+def _write_atomic(target: Path, write: Any) -> None:
+    # A reader of --out never sees half a file, and an existing file survives a failed write.
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        write(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, target)
+    except OSError as e:
+        raise click.ClickException(f"--out {target}: could not write it ({e.strerror or e})") from e
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
-@main.command()
+@main.command(short_help="Point an alias (@champion) at the best or a given version.")
 @click.argument("name")
-@click.option("--version", "version", default=None, help="Version to promote.")
-@click.option("--best", "best", is_flag=True, help="Promote the best version by its recorded metric.")
-@click.option("--alias", default="champion", show_default=True)
+@click.option("--version", "version", default=None, type=click.IntRange(min=1), help="Version to promote.")
+@click.option("--best", "best", is_flag=True,
+              help="Promote the best version by the metric track() recorded on the versions (the default).")
+@click.option("--alias", default="champion", show_default=True, help="The alias to point at the version.")
 @click.option("--tracking-uri", default=None, help=_URI_HELP)
-def promote(name: str, version: str | None, best: bool, alias: str, tracking_uri: str | None) -> None:
-    """Point ALIAS of registered model NAME at a version (--version V or --best)."""
+def promote(name: str, version: int | None, best: bool, alias: str, tracking_uri: str | None) -> None:
+    """Point ALIAS of registered model NAME at a version, and say which and why.
+
+    Without --version, the best version is picked by the metric and mode that track() recorded on
+    each version (e.g. the lowest val_loss); pruned versions are skipped.
+
+    \b
+    Examples:
+      mlflow-best promote digits-mlp                  @champion -> the best version
+      mlflow-best promote digits-mlp --version 3 --alias staging
+    """
     import mlflow_best
 
-    if (version is None) == (not best):
-        raise click.UsageError("pass exactly one of --version V or --best")
-    _set_uri(tracking_uri)
+    if version is not None and best:
+        raise click.UsageError("pass --version V or --best, not both")
+    _use_store(tracking_uri, must_exist=True)
     p = mlflow_best.promote(name, version=version, alias=alias)
-    why = f" (best {p.monitor}={p.value:.4f}, mode {p.mode})" if best and p.value is not None else ""
-    was = f", was v{p.previous}" if p.previous else ""
-    click.echo(f"{name}@{alias} -> v{p.version}{why}{was}")
+    click.echo(str(p))
 
 
-@main.command()
+@main.command(short_help="Upload what a run could not send to MLflow.")
 @click.argument("run_id")
 @click.option("--staging-dir", default=None, help="The staging_dir= given to track(), if any.")
 @click.option("--tracking-uri", default=None, help="Tracking URI (default: the one the run used).")
 def sync(run_id: str, staging_dir: str | None, tracking_uri: str | None) -> None:
-    """Upload what RUN_ID could not send (server down, process killed) into that run."""
+    """Upload what RUN_ID could not send (server down, process killed) into that same run.
+
+    Safe to repeat: what MLflow already has is not sent twice.
+    """
     import mlflow_best
 
     n = mlflow_best.sync(run_id, tracking_uri=tracking_uri, staging_dir=staging_dir)
-    click.echo(f"sent {n} item(s) of run {run_id}")
+    done = f"nothing to send: MLflow has all of run {run_id}"
+    click.echo(f"sent {n} item(s) of run {run_id}" if n else done)
+
+
+def _float(raw: str | None) -> float:
+    try:
+        return float(raw) if raw is not None else math.nan
+    except ValueError:
+        return math.nan

@@ -1,4 +1,9 @@
-"""A real `mlflow server` on 127.0.0.1 with a PostgreSQL backend and a proxied artifact store."""
+"""A real `mlflow server` on 127.0.0.1 with a PostgreSQL backend and a proxied artifact store.
+
+``stop(); start()`` is an outage on the same port: clients keep the URL they were given, as they
+would across a restart of a team's server. ``stop(hard=True)`` is a crash (SIGKILL, no graceful
+shutdown of in-flight requests).
+"""
 
 from __future__ import annotations
 
@@ -11,8 +16,12 @@ import time
 import urllib.request
 import uuid
 from pathlib import Path
+from types import TracebackType
+
+import pytest
 
 PG_DSN = os.environ.get("MLFLOW_BEST_TEST_PG", "postgresql://postgres@127.0.0.1:5432")
+REQUIRE_SERVER = os.environ.get("MLFLOW_BEST_REQUIRE_SERVER") == "1"
 
 
 def free_port() -> int:
@@ -32,6 +41,16 @@ def postgres_available() -> str | None:
     except Exception as e:
         return f"PostgreSQL not reachable at {PG_DSN}: {e}"
     return None
+
+
+def require_postgres() -> None:
+    """Skip the calling test or fixture without PostgreSQL; fail instead where CI demands the server."""
+    reason = postgres_available()
+    if reason is None:
+        return
+    if REQUIRE_SERVER:
+        pytest.fail(f"MLFLOW_BEST_REQUIRE_SERVER=1 but {reason}")
+    pytest.skip(reason)
 
 
 def _admin(sql: str) -> None:
@@ -54,47 +73,71 @@ class MlflowServer:
         self.port = port or free_port()
         self.db = f"mlflow_best_{os.getpid()}_{uuid.uuid4().hex[:8]}"
         self.url = f"http://127.0.0.1:{self.port}"
+        self.artifacts = root / "artifacts"
         self.proc: subprocess.Popen[bytes] | None = None
         self._created = False
+
+    def __enter__(self) -> MlflowServer:
+        return self.start()
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.drop()
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
 
     def start(self, timeout: float = 90.0) -> MlflowServer:
         if not self._created:
             _admin(f'CREATE DATABASE "{self.db}"')
             self._created = True
-        (self.root / "artifacts").mkdir(parents=True, exist_ok=True)
+        self.artifacts.mkdir(parents=True, exist_ok=True)
+        env = dict(os.environ)
+        # The job executor (a huey consumer for GenAI jobs) is unused here and would compete for the
+        # CPU with the training processes under test.
+        env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] = "false"
+        env.pop("MLFLOW_TRACKING_URI", None)
         log = open(self.root / "server.log", "ab")  # noqa: SIM115 - handed to the child
         self.proc = subprocess.Popen(
             [
                 sys.executable, "-m", "mlflow", "server",
                 "--backend-store-uri", f"{PG_DSN.replace('postgresql://', 'postgresql+psycopg2://')}/{self.db}",
-                "--artifacts-destination", str(self.root / "artifacts"),
+                "--artifacts-destination", str(self.artifacts),
                 "--serve-artifacts",
                 "--host", "127.0.0.1", "--port", str(self.port),
                 "--workers", "1",
             ],
-            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env,
         )
+        log.close()
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"mlflow server exited: {(self.root / 'server.log').read_text()[-3000:]}")
+                raise RuntimeError(f"mlflow server exited: {self.log_tail()}")
             try:
                 with urllib.request.urlopen(f"{self.url}/health", timeout=2) as r:
                     if r.status == 200:
                         return self
             except OSError:
-                time.sleep(0.3)
+                time.sleep(0.2)
         self.stop()
-        raise RuntimeError(f"mlflow server did not answer in {timeout} s: {(self.root / 'server.log').read_text()[-3000:]}")
+        raise RuntimeError(f"mlflow server did not answer in {timeout} s: {self.log_tail()}")
 
-    def stop(self) -> None:
+    def stop(self, hard: bool = False) -> None:
+        """SIGTERM (uvicorn finishes in-flight requests) or, with ``hard``, SIGKILL (a crash)."""
         if self.proc is not None and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
+            os.killpg(self.proc.pid, signal.SIGKILL if hard else signal.SIGTERM)
             try:
                 self.proc.wait(timeout=15)
             except subprocess.TimeoutExpired:
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait()
+            if hard:
+                # The uvicorn worker is in the same process group; reap nothing else, but make
+                # sure the port is free before a restart binds it again.
+                _wait_port_free(self.port)
         self.proc = None
 
     def drop(self) -> None:
@@ -102,3 +145,16 @@ class MlflowServer:
         if self._created:
             _admin(f'DROP DATABASE IF EXISTS "{self.db}" WITH (FORCE)')
             self._created = False
+
+    def log_tail(self, chars: int = 3000) -> str:
+        path = self.root / "server.log"
+        return path.read_text(errors="replace")[-chars:] if path.is_file() else "(no server.log)"
+
+
+def _wait_port_free(port: int, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) != 0:
+                return
+        time.sleep(0.1)

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import os
+import shutil
+import sqlite3
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
 import mlflow
 import pytest
+from mlflow import MlflowClient
 
 from tests._server import MlflowServer, postgres_available
 
@@ -28,9 +31,28 @@ def _isolated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]
         mlflow.end_run()
 
 
+@pytest.fixture(scope="session")
+def _sqlite_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A migrated, empty sqlite store made once: creating one costs ~7 s, copying it ~1 ms."""
+    path = tmp_path_factory.mktemp("template") / "mlflow.db"
+    MlflowClient(tracking_uri=f"sqlite:///{path}").search_experiments()
+    # The Default experiment's artifact root was fixed at creation; make it relative so each test's
+    # copy keeps its artifacts in its own working directory.
+    with sqlite3.connect(path) as conn:
+        conn.execute("UPDATE experiments SET artifact_location = './mlruns/0' WHERE experiment_id = 0")
+    return path
+
+
+def new_sqlite_store(template: Path, folder: Path) -> str:
+    """A fresh sqlite store in ``folder``; returns its tracking URI."""
+    folder.mkdir(parents=True, exist_ok=True)
+    shutil.copy(template, folder / "mlflow.db")
+    return f"sqlite:///{folder / 'mlflow.db'}"
+
+
 @pytest.fixture
-def sqlite_uri(tmp_path: Path) -> Iterator[str]:
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+def sqlite_uri(tmp_path: Path, _sqlite_template: Path) -> Iterator[str]:
+    uri = new_sqlite_store(_sqlite_template, tmp_path)
     mlflow.set_tracking_uri(uri)
     yield uri
     mlflow.set_tracking_uri(None)
@@ -52,7 +74,7 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MlflowSe
 def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
     """The tracking URI of each store the core behaviour must work on."""
     if request.param == "sqlite":
-        uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+        uri = new_sqlite_store(request.getfixturevalue("_sqlite_template"), tmp_path)
     else:
         uri = request.getfixturevalue("mlflow_server").url
     mlflow.set_tracking_uri(uri)

@@ -1,0 +1,56 @@
+"""Small models and loops shared by the tests."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+import mlflow_best
+
+
+class TinyNet(nn.Module):
+    def __init__(self, hidden: int = 8) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(4, hidden)
+        self.fc2 = nn.Linear(hidden, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out: torch.Tensor = self.fc2(torch.relu(self.fc1(x)))
+        return out
+
+
+def unique(prefix: str) -> str:
+    """Names unique per test, so tests sharing one server do not see each other's models."""
+    return f"{prefix}-{uuid.uuid4().hex[:8]}"
+
+
+def train_step(model: nn.Module, opt: torch.optim.Optimizer) -> None:
+    x = torch.randn(16, 4)
+    loss = model(x).pow(2).mean()
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+
+
+def run_sequence(
+    values: Sequence[float],
+    *,
+    hidden: int = 8,
+    snapshots: dict[int, dict[str, torch.Tensor]] | None = None,
+    **track_kwargs: Any,
+) -> tuple[mlflow_best.Run, nn.Module, torch.optim.Optimizer]:
+    """Train one step per epoch and log ``values`` as val_loss; record the weights of every epoch."""
+    model = TinyNet(hidden)
+    opt = torch.optim.Adam(model.parameters(), lr=0.01)
+    track_kwargs.setdefault("model_args", {"hidden": hidden})
+    with mlflow_best.track(model, opt, **track_kwargs) as run:
+        for epoch in range(run.start_epoch, len(values)):
+            train_step(model, opt)
+            if snapshots is not None:
+                snapshots[epoch] = {k: v.clone() for k, v in model.state_dict().items()}
+            run.log_epoch(epoch, {"train_loss": 1.0 / (epoch + 1), "val_loss": values[epoch]})
+    return run, model, opt
