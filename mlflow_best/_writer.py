@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import queue
+import shutil
 import sys
 import threading
 import time
@@ -257,6 +258,9 @@ class Pipeline:
                 self.pending.append(op)
                 self._drain_pending()
                 return
+            if isinstance(op, CheckpointOp) and op.kind == "best":
+                # MLflow has it now; the staged copy only costs disk ("last" stays: it is replaced).
+                shutil.rmtree(op.folder, ignore_errors=True)
             with self._count_lock:
                 self._in_flight -= 1
 
