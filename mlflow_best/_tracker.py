@@ -109,6 +109,8 @@ class Run:
         self._pool = SnapshotPool(slots=2)
         self._client: MlflowClient | None = None
         self._fluent = False
+        self._closed = False
+        self._status_before_resume = "FAILED"
         self._stalls: list[float] = []
         # The monitored value per epoch, for the console lines and the plot logged at the end.
         self.history: list[EpochPoint] = []
@@ -168,7 +170,15 @@ class Run:
         )
         self._pipeline = Pipeline(journal, publisher)
         if cfg.resume is not None:
-            self._load_latest(client)
+            try:
+                self._load_latest(client)
+            except BaseException:
+                # A checkpoint that does not fit (or cannot be read) must not leave the run
+                # RUNNING with idle threads: put its status back and stop the pipeline.
+                self._pipeline.submit(EndOp(journal.next_seq(), self._status_before_resume))
+                self._pipeline.close(offline_timeout=5.0)
+                self._closed = True
+                raise
             self.history = _earlier_points(client, self.run_id, cfg, self.start_epoch)
         self._t_enter = self._t_epoch = time.monotonic()
         if cfg.tracking_uri is None or cfg.tracking_uri == mlflow.get_tracking_uri():
@@ -219,6 +229,7 @@ class Run:
             params=[Param(k, v) for k, v in new.items()],
             tags=[RunTag(k, v) for k, v in self._own_tags().items()],
         )
+        self._status_before_resume = run.info.status
         client.update_run(run_id, status="RUNNING")
         return run
 
@@ -388,7 +399,9 @@ class Run:
         pipeline = self._require_pipeline()
         cfg = self.config
         value = values[cfg.monitor]
-        name = checkpoint_name(epoch, cfg.monitor, value) if kind == "best" else "last"
+        # Every "last" gets its own folder too: the upload of one may still be reading its files
+        # while the next one is written, and a shared folder would be replaced under it.
+        name = checkpoint_name(epoch, cfg.monitor, value) if kind == "best" else f"last-epoch={epoch:04d}"
         folder = self.staging_dir / "checkpoints" / name
         training: dict[str, Any] = {
             "epoch": epoch,
@@ -448,8 +461,11 @@ class Run:
             self.best.model_id = op.progress.get("model_id")
 
     def _require_pipeline(self) -> Pipeline:
-        if self._pipeline is None:
-            raise RuntimeError("log_epoch called outside the `with mlflow_best.track(...)` block")
+        if self._pipeline is None or self._closed:
+            raise RuntimeError(
+                "log_epoch called outside the `with mlflow_best.track(...) as run:` block; "
+                "call it inside the block (the run has ended or not started)"
+            )
         return self._pipeline
 
     def _print_epoch(
@@ -517,6 +533,7 @@ class Run:
             pipeline.submit(TagsOp(pipeline.journal.next_seq(), self._summary_tags()))
             pipeline.submit(EndOp(pipeline.journal.next_seq(), status))
         finally:
+            self._closed = True
             pending = pipeline.close(self.config.offline_timeout, progress=_progress_line)
             if self._fluent:
                 _pop_fluent_run(self.run_id)
@@ -527,7 +544,8 @@ class Run:
             raise UnsentError(
                 f"mlflow_best: {len(pending)} item(s) of run {self.run_id} did not reach MLflow at "
                 f"{self.tracking_uri!r}:\n  - " + "\n  - ".join(lines) + f"\nLocal copies are kept in "
-                f"{self.staging_dir}. When the server is back, upload them into the same run with "
+                f"{self.staging_dir} (each checkpoint in the folder named above, every metric in "
+                f"{self.staging_dir / 'journal.jsonl'}). When the server is back, upload them into the same run with "
                 f"mlflow_best.sync({self.run_id!r}) or `mlflow-best sync {self.run_id}`.",
                 str(self.staging_dir),
                 lines,

@@ -446,3 +446,21 @@ def test_public_api_is_pinned() -> None:
         issubclass(getattr(mlflow_best, n), mlflow_best.MlflowBestError)
         for n in mlflow_best.__all__ if n.endswith("Error")
     )
+
+
+def test_log_epoch_after_the_block_is_refused(sqlite_uri: str) -> None:
+    with mlflow_best.track(TinyNet(), None) as run:
+        run.log_epoch(0, {"val_loss": 1.0})
+    with pytest.raises(RuntimeError, match="outside the `with mlflow_best.track"):
+        run.log_epoch(1, {"val_loss": 0.5})
+
+
+def test_resume_into_a_model_that_does_not_fit_leaves_the_run_as_it_was(sqlite_uri: str) -> None:
+    first, _, _ = run_sequence([1.0, 0.5])
+    with pytest.raises(mlflow_best.ArchitectureMismatchError, match="mis-shaped keys"):
+        with mlflow_best.track(TinyNet(hidden=32), None, resume=first.run_id):
+            pass
+    assert MlflowClient(sqlite_uri).get_run(first.run_id).info.status == "FINISHED"
+    with pytest.raises(mlflow_best.ConfigError, match="resume='nope' is not a run"):
+        with mlflow_best.track(TinyNet(), None, resume="nope"):
+            pass
