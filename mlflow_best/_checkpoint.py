@@ -178,17 +178,58 @@ def read_manifest(folder: Path) -> Manifest:
             f"{path}: format_version {data['format_version']} is newer than this mlflow_best reads "
             f"({FORMAT_VERSION}); upgrade mlflow_best (pip install -U mlflow-best)"
         )
+    if data["epoch"] < 0:
+        raise CheckpointError(f"{path}: field 'epoch' is {data['epoch']!r}, expected an int >= 0")
     for fname in (MODEL_FILE, TRAINING_FILE):
-        entry = data["files"].get(fname)
+        if fname not in data["files"]:
+            raise CheckpointError(
+                f"{path}: field 'files' does not list {fname!r}; the manifest is incomplete"
+            )
+    for fname, entry in data["files"].items():
+        if not isinstance(fname, str) or fname in ("", ".", "..") or "/" in fname or "\\" in fname:
+            raise CheckpointError(
+                f"{path}: field 'files' lists {fname!r}, expected a plain file name inside the checkpoint "
+                "folder; refused"
+            )
         if (
             not isinstance(entry, dict)
             or not isinstance(entry.get("sha256"), str)
-            or not isinstance(entry.get("bytes"), int)
+            or not _is_int(entry.get("bytes"))
         ):
             raise CheckpointError(
                 f"{path}: field 'files.{fname}' is {entry!r}, expected {{'sha256': str, 'bytes': int}}"
             )
+    for name, value in data["metrics"].items():
+        if not _is_number(value):
+            raise CheckpointError(
+                f"{path}: field 'metrics.{name}' is {value!r} ({type(value).__name__}), expected a number"
+            )
+    model = data["model"]
+    if not isinstance(model.get("class"), str):
+        raise CheckpointError(
+            f"{path}: field 'model.class' is {model.get('class')!r}, expected 'module:ClassName'"
+        )
+    if model.get("args") is not None and not isinstance(model["args"], dict):
+        raise CheckpointError(
+            f"{path}: field 'model.args' is {model['args']!r}, expected an object or null"
+        )
+    optimizer = data.get("optimizer")
+    if optimizer is not None and not (
+        isinstance(optimizer, dict) and isinstance(optimizer.get("class"), str)
+    ):
+        raise CheckpointError(
+            f"{path}: field 'optimizer' is {optimizer!r}, "
+            "expected null or {'class': 'module:ClassName', ...}"
+        )
     return Manifest(folder, data)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def verify_checkpoint(folder: Path, *, check_hashes: bool = True) -> Manifest:
@@ -220,7 +261,16 @@ def load_file(path: Path, map_location: Any) -> Any:
         raise UnsafeCheckpointError(
             f"{path} was refused: loading it would execute code (it is not plain tensors and "
             f"containers). mlflow_best never loads such files; the file may have been tampered with. "
-            f"Detail: {str(e).splitlines()[0]}"
+            f"Detail: {_unpickling_reason(e)}"
         ) from e
     except (RuntimeError, zipfile.BadZipFile, EOFError) as e:
         raise CheckpointError(f"{path} cannot be read as a torch file ({e}); the file is damaged") from e
+
+
+def _unpickling_reason(error: BaseException) -> str:
+    """The line of torch's weights_only message that says what was refused (not its advice to opt out)."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    for line in lines:
+        if "GLOBAL" in line or "nsupported" in line:
+            return line
+    return lines[-1] if lines else type(error).__name__

@@ -78,13 +78,16 @@ class TrackConfig:
             value = getattr(self, name)
             if value is not None and not isinstance(value, dict):
                 raise ConfigError(f"{name}={value!r} must be a dict or None")
-        if self.keep is not None and (isinstance(self.keep, bool) or not isinstance(self.keep, int) or self.keep < 1):
+        if self.keep is not None and (
+            isinstance(self.keep, bool) or not isinstance(self.keep, int) or self.keep < 1
+        ):
             raise ConfigError(f"keep={self.keep!r} must be None (keep every checkpoint) or an int >= 1")
         if not isinstance(self.save_last, (bool, int)) or (
             not isinstance(self.save_last, bool) and self.save_last < 1
         ):
             raise ConfigError(
-                f"save_last={self.save_last!r} must be False, True (every epoch) or an int N >= 1 (every N epochs)"
+                f"save_last={self.save_last!r} must be False, True (every epoch) or an int N >= 1 "
+                "(every N epochs)"
             )
         if self.resume is not None and (not isinstance(self.resume, str) or not self.resume):
             raise ConfigError(f"resume={self.resume!r} must be the run id of an earlier run, e.g. run.run_id")

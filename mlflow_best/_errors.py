@@ -8,7 +8,8 @@
     │                                    an unknown run, model, version or alias, or a run without checkpoint
     ├── CheckpointError                  a checkpoint that cannot be trusted: bad manifest, checksum
     │   │                                mismatch, truncated or missing file, newer format
-    │   └── UnsafeCheckpointError        loading it would need code execution (refused, never retried unsafely)
+    │   └── UnsafeCheckpointError        loading it would need code execution (refused, never retried
+    │                                    unsafely)
     ├── ArchitectureMismatchError        the checkpoint's state_dict does not fit the model given
     └── UnsentError                      at exit, some metrics or checkpoints did not reach MLflow;
                                          the local copies are kept and ``mlflow_best.sync`` uploads them

@@ -67,7 +67,7 @@ class Restored:
         model_id: the MLflow LoggedModel id (None for a "last" checkpoint).
         path: the verified local folder it was loaded from.
         manifest: the checkpoint's manifest (classes, model_args, sha256 of each file, versions).
-        training_state: the raw training state (optimizer / scheduler / scaler / RNG state dicts).
+        training_state: the raw training state (optimizer / scheduler / scaler / RNG state dicts), on the CPU.
     """
 
     model: torch.nn.Module
@@ -106,6 +106,7 @@ def restore(
     tracking_uri: str | None = None,
     restore_rng: bool = False,
     cache_dir: str | os.PathLike[str] | None = None,
+    generators: Mapping[str, torch.Generator] | None = None,
 ) -> Restored:
     """Load a checkpoint logged by ``track`` into live objects on ``device``.
 
@@ -120,6 +121,8 @@ def restore(
         tracking_uri: the MLflow tracking URI; None uses MLflow's own (``MLFLOW_TRACKING_URI``).
         restore_rng: also put back the torch / CUDA / numpy / Python RNG states of that epoch.
         cache_dir: the download cache (default ``$MLFLOW_BEST_HOME/cache``); keyed by sha256.
+        generators: with ``restore_rng``, named ``torch.Generator`` objects (as passed to
+            ``track(generators=...)``, e.g. a DataLoader's) to put the saved states back into.
 
     Returns:
         A ``Restored`` with ``model``, ``optimizer``, ``scheduler``, ``scaler``, ``epoch``,
@@ -141,15 +144,27 @@ def restore(
         folder = Path(ref)
         verify_checkpoint(folder)
         source = _Source(artifact_uri=str(folder), sha256=None, run_id=None)
+    elif isinstance(ref, str) and Path(ref).is_file():
+        raise CheckpointError(
+            f"{ref} is a single file, not an mlflow_best checkpoint (a folder with {MANIFEST}, {MODEL_FILE} "
+            f"and {TRAINING_FILE}); it may come from torch.save or another library (e.g. a Lightning .ckpt). "
+            "restore reads only what mlflow_best.track wrote; load a bare state_dict with "
+            "model.load_state_dict(torch.load(path, weights_only=True))"
+        )
     else:
         client = MlflowClient(tracking_uri=tracking_uri or mlflow.get_tracking_uri())
         source = _resolve(client, ref)
         folder = fetch(client, source, Path(cache_dir) if cache_dir else home() / "cache")
     manifest = read_manifest(folder)
     model_state = load_file(folder / MODEL_FILE, target)
-    training = load_file(folder / TRAINING_FILE, target)
+    # The training state is read onto the CPU: optimizer.load_state_dict then moves each state to its
+    # parameter's device and keeps a non-capturable 'step' on the CPU, as torch wants it (a 'step'
+    # on the GPU costs a device sync per parameter per step); RNG states must be CPU tensors anyway.
+    training = load_file(folder / TRAINING_FILE, "cpu")
     if not isinstance(model_state, Mapping) or not isinstance(training, Mapping):
-        raise CheckpointError(f"{folder}: {MODEL_FILE} / {TRAINING_FILE} do not hold dicts; the checkpoint is damaged")
+        raise CheckpointError(
+            f"{folder}: {MODEL_FILE} / {TRAINING_FILE} do not hold dicts; the checkpoint is damaged"
+        )
     net = model if model is not None else _rebuild_model(manifest)
     inner = unwrap_model(net)
     inner.to(target)
@@ -165,7 +180,7 @@ def restore(
     if scaler is not None and training.get("scaler") is not None:
         scaler.load_state_dict(training["scaler"])
     if restore_rng and training.get("rng") is not None:
-        apply_rng(training["rng"])
+        apply_rng(training["rng"], generators)
     return Restored(
         model=net,
         optimizer=opt,
@@ -188,14 +203,19 @@ def _device(device: str | torch.device) -> torch.device:
     except (RuntimeError, TypeError) as e:
         raise ConfigError(f"device={device!r} is not a torch device; pass 'cpu', 'cuda' or 'cuda:0'") from e
     if target.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device={device!r} was asked for but CUDA is not available here; pass device='cpu'")
+        raise ConfigError(
+            f"device={device!r} was asked for but CUDA is not available here; pass device='cpu'"
+        )
     return target
 
 
 # -- resolving references -------------------------------------------------------------------------
 def _resolve(client: MlflowClient, ref: str) -> _Source:
     if not isinstance(ref, str) or not ref:
-        raise ConfigError(f"ref={ref!r} must be a run id, 'runs:/<id>', 'models:/<name>/<version>' or 'models:/<name>@<alias>'")
+        raise ConfigError(
+            f"ref={ref!r} must be a run id, 'runs:/<id>', 'models:/<name>/<version>' or "
+            "'models:/<name>@<alias>'"
+        )
     try:
         if ref.startswith("models:/"):
             return _resolve_model(client, ref[len("models:/") :], ref)
@@ -244,7 +264,8 @@ def _resolve_model(client: MlflowClient, rest: str, ref: str) -> _Source:
 
 
 def _from_version(client: MlflowClient, mv: Any) -> _Source:
-    model_id = getattr(mv, "model_id", None) or (mv.source.split("/")[-1] if mv.source.startswith("models:/m-") else None)
+    from_source = mv.source.split("/")[-1] if mv.source.startswith("models:/m-") else None
+    model_id = getattr(mv, "model_id", None) or from_source
     if not model_id:
         raise CheckpointError(
             f"model version {mv.name}/{mv.version} was not logged by mlflow_best (source {mv.source!r}); "
@@ -256,7 +277,8 @@ def _from_version(client: MlflowClient, mv: Any) -> _Source:
             f"save storage; restore 'models:/{mv.name}@<alias>' or a newer version"
         )
     src = _from_logged_model(client, model_id)
-    return _Source(src.artifact_uri, (mv.tags or {}).get(V_SHA) or src.sha256, src.run_id, str(mv.version), model_id)
+    sha256 = (mv.tags or {}).get(V_SHA) or src.sha256
+    return _Source(src.artifact_uri, sha256, src.run_id, str(mv.version), model_id)
 
 
 def _from_logged_model(client: MlflowClient, model_id: str) -> _Source:
@@ -286,8 +308,9 @@ def _resolve_run(client: MlflowClient, run_id: str) -> _Source:
         )
         return _Source(str(staged), None, run_id)
     raise CheckpointNotFoundError(
-        f"run {run_id} has no checkpoint: no epoch has improved {tags.get(TAG + 'monitor', 'the monitor')!r} yet "
-        "(or the run was not tracked by mlflow_best.track); train until log_epoch returns True, or restore another run"
+        f"run {run_id} has no checkpoint: no epoch has improved "
+        f"{tags.get(TAG + 'monitor', 'the monitor')!r} yet (or the run was not tracked by "
+        "mlflow_best.track); train until log_epoch returns True, or restore another run"
     )
 
 
@@ -324,6 +347,8 @@ def fetch(client: MlflowClient, source: _Source, cache: Path) -> Path:
             return cached
     cache.mkdir(parents=True, exist_ok=True)
     tmp = cache / f".download-{uuid.uuid4().hex[:8]}"
+    local = tmp
+    stored = source.artifact_uri.rstrip("/")
     try:
         local = Path(
             mlflow.artifacts.download_artifacts(
@@ -331,12 +356,13 @@ def fetch(client: MlflowClient, source: _Source, cache: Path) -> Path:
             )
         )
         if not (local / MANIFEST).is_file() and (local / "artifacts" / MANIFEST).is_file():
-            local = local / "artifacts"
+            local, stored = local / "artifacts", stored + "/artifacts"
         manifest = verify_checkpoint(local)
         actual = file_sha256(local / MANIFEST)
         if source.sha256 and actual != source.sha256:
             raise CheckpointError(
-                f"{local / MANIFEST} has sha256 {actual[:12]}…, but MLflow recorded {source.sha256[:12]}… for "
+                f"{local / MANIFEST} has sha256 {actual[:12]}…, but MLflow recorded "
+                f"{source.sha256[:12]}… for "
                 "this checkpoint: the stored manifest was changed; it was not loaded"
             )
         final = cache / actual
@@ -345,6 +371,9 @@ def fetch(client: MlflowClient, source: _Source, cache: Path) -> Path:
             shutil.rmtree(final)
         os.replace(local, final)
         return final
+    except CheckpointError as e:
+        # Name the file where it is stored, not in the temporary download folder removed below.
+        raise type(e)(str(e).replace(str(local), stored)) from e
     except MlflowException as e:
         raise TrackingStoreError(f"downloading {source.artifact_uri} failed: {e.message}") from e
     finally:
@@ -432,7 +461,7 @@ def _rebuild_model(manifest: Manifest) -> torch.nn.Module:
     if args is None:
         required = [
             p.name
-            for p in list(inspect.signature(cls.__init__).parameters.values())[1:]
+            for p in list(inspect.signature(cls.__init__).parameters.values())[1:]  # type: ignore[misc]
             if p.default is inspect.Parameter.empty and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
         ]
         if required:
@@ -442,15 +471,20 @@ def _rebuild_model(manifest: Manifest) -> torch.nn.Module:
             )
         args = {}
     if not isinstance(args, dict):
-        raise CheckpointError(f"{manifest.path / MANIFEST}: field 'model.args' is {args!r}, expected an object")
-    model: torch.nn.Module = cls(**args)
+        raise CheckpointError(
+            f"{manifest.path / MANIFEST}: field 'model.args' is {args!r}, expected an object"
+        )
+    # Building a model draws its initial weights from the global RNG, which the checkpoint then
+    # overwrites: fork it, so restore() leaves the caller's random stream where it was.
+    with torch.random.fork_rng(devices=[]):
+        model: torch.nn.Module = cls(**args)
     return model
 
 
 def _rebuild_optimizer(manifest: Manifest, model: torch.nn.Module) -> torch.optim.Optimizer:
     info = manifest.data["optimizer"]
     cls = _import_class(info.get("class"), torch.optim.Optimizer, "optimizer", "optimizer.class")
-    accepted = set(inspect.signature(cls.__init__).parameters)
+    accepted = set(inspect.signature(cls.__init__).parameters)  # type: ignore[misc]
     defaults = {k: v for k, v in (info.get("defaults") or {}).items() if k in accepted}
     opt: torch.optim.Optimizer = cls(model.parameters(), **defaults)
     return opt
@@ -475,12 +509,17 @@ def latest_checkpoint(client: MlflowClient, run_id: str) -> tuple[Any, Any] | No
     if TAG + "last_checkpoint" in tags:
         run = client.get_run(run_id)
         uri = run.info.artifact_uri.rstrip("/") + "/" + tags[TAG + "last_checkpoint"]
-        candidates.append((int(tags.get(TAG + "last_epoch", -1)), _Source(uri, tags.get(TAG + "last_sha256"), run_id)))
+        last = _Source(uri, tags.get(TAG + "last_sha256"), run_id)
+        candidates.append((int(tags.get(TAG + "last_epoch", -1)), last))
     for _, src in sorted(candidates, key=lambda c: -c[0]):
         try:
             folder = fetch(client, src, home() / "cache")
         except CheckpointError as e:
-            warnings.warn(f"mlflow_best: skipping a damaged checkpoint while resuming: {e}", RuntimeWarning, stacklevel=3)
+            warnings.warn(
+                f"mlflow_best: skipping a damaged checkpoint while resuming: {e}",
+                RuntimeWarning,
+                stacklevel=3,
+            )
             continue
         return load_file(folder / MODEL_FILE, "cpu"), load_file(folder / TRAINING_FILE, "cpu")
     return None
@@ -533,7 +572,9 @@ def sync_staging(client: MlflowClient, staging: Path, *, quiet: bool = False) ->
     return left
 
 
-def sync(run_id: str, *, tracking_uri: str | None = None, staging_dir: str | os.PathLike[str] | None = None) -> int:
+def sync(
+    run_id: str, *, tracking_uri: str | None = None, staging_dir: str | os.PathLike[str] | None = None
+) -> int:
     """Upload what a run could not send (a dead server, a killed process) into that same run.
 
     Args:

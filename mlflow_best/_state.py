@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import queue
 import random
+import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -38,7 +39,7 @@ def class_path(obj: object) -> str:
 
 def capture_rng(generators: Mapping[str, torch.Generator] | None = None) -> dict[str, Any]:
     """The RNG states of torch (CPU and CUDA), numpy, Python, and the user's named generators."""
-    kind, keys, pos, has_gauss, cached = np.random.get_state(legacy=True)  # type: ignore[misc]
+    kind, keys, pos, has_gauss, cached = np.random.get_state(legacy=True)
     version, internal, gauss_next = random.getstate()
     state: dict[str, Any] = {
         "torch": torch.get_rng_state(),
@@ -52,7 +53,7 @@ def capture_rng(generators: Mapping[str, torch.Generator] | None = None) -> dict
         "python": {"version": int(version), "internal": list(internal), "gauss_next": gauss_next},
         "generators": {name: g.get_state() for name, g in (generators or {}).items()},
     }
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
+    if torch.cuda.is_available() and torch.cuda.is_initialized():  # type: ignore[no-untyped-call]
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
@@ -73,11 +74,22 @@ def apply_rng(state: Mapping[str, Any], generators: Mapping[str, torch.Generator
     py = state["python"]
     random.setstate((py["version"], tuple(py["internal"]), py["gauss_next"]))
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
-    saved = state.get("generators", {})
+        # One state per device it was saved from; a machine with fewer devices takes the first ones.
+        for index, cuda_state in enumerate(state["cuda"][: torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(cuda_state.cpu(), index)
+    saved = state.get("generators") or {}
     for name, gen in (generators or {}).items():
         if name in saved:
             gen.set_state(saved[name].cpu())
+        else:
+            warnings.warn(
+                f"mlflow_best: generators={{{name!r}: ...}} has no saved state in this checkpoint (saved: "
+                f"{sorted(saved) or 'none'}); it keeps its current state, so its random draws (e.g. a "
+                "DataLoader's shuffling) will not repeat the original run. Pass the same generators= "
+                "names to track() as in the run that saved it",
+                RuntimeWarning,
+                stacklevel=3,
+            )
 
 
 @dataclass
@@ -126,7 +138,9 @@ def _copy_tree(tree: StateTree, buffers: dict[str, torch.Tensor], path: str, eve
     return copy.deepcopy(tree)
 
 
-def _copy_tensor(t: torch.Tensor, buffers: dict[str, torch.Tensor], path: str, events: list[Any]) -> torch.Tensor:
+def _copy_tensor(
+    t: torch.Tensor, buffers: dict[str, torch.Tensor], path: str, events: list[Any]
+) -> torch.Tensor:
     t = t.detach()
     if t.is_sparse or t.is_quantized or t.layout != torch.strided:
         return t.to("cpu", copy=True)
@@ -136,7 +150,7 @@ def _copy_tensor(t: torch.Tensor, buffers: dict[str, torch.Tensor], path: str, e
         buffers[path] = buf
     if t.is_cuda:
         buf.copy_(t, non_blocking=True)
-        event = torch.cuda.Event()
+        event = torch.cuda.Event()  # type: ignore[no-untyped-call]
         event.record()
         events.append(event)
     else:

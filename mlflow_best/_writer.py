@@ -11,6 +11,7 @@ so a process that dies (or a server that never comes back) leaves a staging fold
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import queue
@@ -135,6 +136,7 @@ class Journal:
         self._ops = open(staging / JOURNAL, "a", encoding="utf-8")  # noqa: SIM115 - closed in close()
         self._sent = open(staging / SENT, "a", encoding="utf-8")  # noqa: SIM115
         self._lock = threading.Lock()
+        self._failed = False
 
     @staticmethod
     def _max_seq(staging: Path) -> int:
@@ -156,20 +158,37 @@ class Journal:
 
     def record(self, op: Op) -> None:
         line = json.dumps({k: v for k, v in asdict(op).items() if k != "progress"}) + "\n"
-        with self._lock:
-            self._ops.write(line)
-            self._ops.flush()  # into the page cache: survives the process, costs a syscall
+        self._append(self._ops, line)  # into the page cache: survives the process, costs a syscall
 
     def mark_sent(self, op: Op) -> None:
+        self._append(self._sent, json.dumps({"seq": op.seq}) + "\n")
+
+    def _append(self, f: Any, line: str) -> None:
+        # A full or failing disk must not stop training: the operation still goes to MLflow from
+        # memory; only its crash-safety copy is missing, which is said once.
         with self._lock:
-            self._sent.write(json.dumps({"seq": op.seq}) + "\n")
-            self._sent.flush()
+            try:
+                f.write(line)
+                f.flush()
+            except OSError as e:
+                if not self._failed:
+                    self._failed = True
+                    warnings.warn(
+                        f"mlflow_best: cannot write the journal in {self.staging} ({e}); training goes on "
+                        "and MLflow still gets everything, but a crash now could lose unsent metrics. "
+                        "Free disk space or pass staging_dir= elsewhere.",
+                        RuntimeWarning,
+                        stacklevel=4,
+                    )
 
     def close(self) -> None:
         for f in (self._ops, self._sent):
-            f.flush()
-            os.fsync(f.fileno())
-            f.close()
+            # A full disk was already warned about in _append; what MLflow has is not affected.
+            with contextlib.suppress(OSError):
+                f.flush()
+                os.fsync(f.fileno())
+            with contextlib.suppress(OSError):
+                f.close()
 
 
 @dataclass
@@ -234,7 +253,8 @@ class Pipeline:
         while (job := self._disk_q.get()) is not _STOP:
             try:
                 job.snapshot.ready()
-                path = write_checkpoint(job.parent, job.name, job.snapshot.model, job.snapshot.training, job.meta)
+                snap = job.snapshot
+                path = write_checkpoint(job.parent, job.name, snap.model, snap.training, job.meta)
                 job.done.set_result(path)
             except BaseException as e:  # surfaced by the upload thread as a warning, never swallowed
                 job.done.set_exception(e)
