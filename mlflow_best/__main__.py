@@ -1,3 +1,3 @@
 from mlflow_best.cli import main
 
-main()
+main(prog_name="mlflow-best")

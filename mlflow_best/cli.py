@@ -87,6 +87,8 @@ def main() -> None:
       mlflow-best restore models:/digits-mlp@champion --out best.pt
       mlflow-best sync RUN_ID                     upload what a run could not send
     """
+    # MLflow draws a tqdm bar per download: noise around a one-line report. A user's setting wins.
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 
 @main.command(short_help="Train the digits demo through track() (seconds, CPU).")
@@ -271,7 +273,8 @@ def _write_atomic(target: Path, write: Any) -> None:
 
 @main.command(short_help="Point an alias (@champion) at the best or a given version.")
 @click.argument("name")
-@click.option("--version", "version", default=None, type=click.IntRange(min=1), help="Version to promote.")
+@click.option("--version", "version", default=None, type=click.IntRange(min=1), metavar="V",
+              help="Version to promote.")
 @click.option("--best", "best", is_flag=True,
               help="Promote the best version by the metric track() recorded on the versions (the default).")
 @click.option("--alias", default="champion", show_default=True, help="The alias to point at the version.")
