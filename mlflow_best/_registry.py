@@ -6,7 +6,9 @@ response) resumes at the failed step instead of creating a second model or versi
 
 from __future__ import annotations
 
+import contextlib
 import math
+import random
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -18,7 +20,7 @@ from mlflow.exceptions import MlflowException
 
 from mlflow_best._checkpoint import manifest_sha256
 from mlflow_best._criterion import Criterion
-from mlflow_best._writer import ArtifactOp, CheckpointOp, EndOp, MetricsOp, Op, TagsOp
+from mlflow_best._writer import ArtifactOp, CheckpointOp, EndOp, MetricsOp, Op, TagsOp, discard_folder
 
 TAG = "mlflow_best."
 # Tags on each model version; plain keys so they read well in the registry UI.
@@ -92,17 +94,29 @@ def _all_versions(client: MlflowClient, name: str) -> list[Any]:
             return out
 
 
+def _is_duplicate(error: MlflowException) -> bool:
+    """A unique-key refusal of the database behind MLflow (sqlite or PostgreSQL): the row exists."""
+    text = error.message.lower()
+    return "unique" in text or "duplicate" in text
+
+
+_ALIAS_ATTEMPTS = 10
+# A private generator: drawing from the global `random` in this background thread would change the
+# user's Python RNG stream and break bit-identical resume.
+_JITTER = random.Random()
+
+
 def move_alias_to_best(
     client: MlflowClient, name: str, alias: str, monitor: str, criterion: Criterion
 ) -> str | None:
     """Point ``alias`` at the best version of ``name`` across all runs; return that version.
 
     Re-reading all versions (instead of comparing with the holder only) makes concurrent writers
-    converge: whoever writes last writes the best version it can see, and every writer checks again
-    after its own write.
+    converge: a writer returns only once it has *read* the alias on the best version it can see,
+    after its own version exists, so a stale write by another process is always followed by that
+    process's own check, which repairs it.
     """
-    target: str | None = None
-    for attempt in range(3):
+    for attempt in range(_ALIAS_ATTEMPTS):
         best = best_version(client, name, monitor, criterion)
         if best is None:
             return None
@@ -115,9 +129,19 @@ def move_alias_to_best(
             holder = None
         if holder == target:
             return target
-        client.set_registered_model_alias(name, alias, target)
-        time.sleep(0.05 * (attempt + 1))  # then re-read: a concurrent writer may have moved it
-    return target
+        try:
+            client.set_registered_model_alias(name, alias, target)
+        except MlflowException as e:
+            # Two writers creating the alias in the same instant: the database refuses the second
+            # insert (PostgreSQL: UniqueViolation, sent as BAD_REQUEST). Re-read instead of failing.
+            if not _is_duplicate(e):
+                raise
+        # Jittered, so writers that collided do not collide again in lockstep.
+        time.sleep(_JITTER.uniform(0.01, 0.05 * (attempt + 1)))
+    raise MlflowException(
+        f"alias {alias!r} of registered model {name!r} kept moving during {_ALIAS_ATTEMPTS} attempts to "
+        "point it at the best version; the upload is retried"
+    )
 
 
 class Publisher:
@@ -144,6 +168,8 @@ class Publisher:
         self.alias = alias
         self.on_registered = on_registered
         self.keep = keep
+        # Ops journaled before this publisher existed are replays (sync, resume) of another process.
+        self._since_ms = int(time.time() * 1000)
 
     def __call__(self, op: Op) -> None:
         if isinstance(op, MetricsOp):
@@ -180,6 +206,8 @@ class Publisher:
             V_RUN: self.run_id,
             TAG + "checkpoint": op.name,
         }
+        if "model_id" not in p and op.timestamp_ms < self._since_ms:
+            self._resume_progress(p)
         if "model_id" not in p:
             lm = self.client.create_logged_model(
                 self.experiment_id,
@@ -199,7 +227,11 @@ class Publisher:
             self.client.log_model_artifacts(model_id, str(folder))
             p["artifacts"] = True
         if "finalized" not in p:
-            self.client.log_outputs(self.run_id, [LoggedModelOutput(model_id, op.epoch)])
+            try:
+                self.client.log_outputs(self.run_id, [LoggedModelOutput(model_id, op.epoch)])
+            except MlflowException as e:
+                if not _is_duplicate(e):  # recorded by an attempt whose answer was lost, or a killed process
+                    raise
             self.client.finalize_logged_model(model_id, "READY")
             p["finalized"] = True
         if self.registered_model and "version" not in p:
@@ -252,7 +284,8 @@ class Publisher:
         holder: str | None = None
         if self.registered_model and self.alias:
             try:
-                holder = str(self.client.get_model_version_by_alias(self.registered_model, self.alias).version)
+                holder_mv = self.client.get_model_version_by_alias(self.registered_model, self.alias)
+                holder = str(holder_mv.version)
             except MlflowException as e:
                 if not is_missing(e):
                     raise
@@ -264,6 +297,26 @@ class Publisher:
             self.client.set_logged_model_tags(m.model_id, {V_PRUNED: "true"})
             if version is not None and self.registered_model:
                 self.client.set_model_version_tag(self.registered_model, version, V_PRUNED, "true")
+
+    def _resume_progress(self, p: dict[str, Any]) -> None:
+        """Pick up where an earlier process stopped publishing this checkpoint (found by its sha256).
+
+        A process killed after MLflow created the LoggedModel or the version, but before it marked
+        the op as sent, leaves them behind; a replay that started over would register the same
+        checkpoint twice.
+        """
+        for m in _search_logged_models(self.client, self.experiment_id, self.run_id):
+            if (m.tags or {}).get(V_SHA) == p["sha256"]:
+                p["model_id"] = m.model_id
+                if str(m.status).endswith("READY"):  # finalized only after its files were complete
+                    p.update(metrics=True, artifacts=True, finalized=True)
+                break
+        if self.registered_model and "model_id" in p:
+            escaped = self.registered_model.replace("'", "\\'")
+            for v in self.client.search_model_versions(f"name='{escaped}' and run_id='{self.run_id}'"):
+                if (v.tags or {}).get(V_SHA) == p["sha256"]:
+                    p["version"] = str(v.version)
+                    break
 
     def _publish_last(self, op: CheckpointOp) -> None:
         p = op.progress
@@ -290,6 +343,7 @@ class Publisher:
         )
         if previous and previous != path:
             _delete_run_artifacts(self.client, self.run_id, previous)
+        _delete_older_local_lasts(folder, op.epoch)
 
 
 def _search_logged_models(client: MlflowClient, experiment_id: str, run_id: str) -> list[Any]:
@@ -308,10 +362,20 @@ def _search_logged_models(client: MlflowClient, experiment_id: str, run_id: str)
 def _delete_artifacts(artifact_uri: str, path: str | None = None) -> None:
     from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
 
-    try:
-        get_artifact_repository(artifact_uri).delete_artifacts(path)
-    except (NotImplementedError, MlflowException, OSError):
-        pass  # a stale folder costs storage only; tags point at what is current
+    # A stale folder costs storage only; tags point at what is current.
+    with contextlib.suppress(NotImplementedError, MlflowException, OSError):
+        get_artifact_repository(artifact_uri).delete_artifacts(path)  # type: ignore[no-untyped-call]
+
+
+def _delete_older_local_lasts(folder: Path, epoch: int) -> None:
+    """Remove the staged "last" folders this one supersedes (MLflow's pointer has moved past them)."""
+    for sibling in folder.parent.glob("last-epoch=*"):
+        try:
+            older = int(sibling.name.split("=", 1)[1]) < epoch
+        except ValueError:
+            continue
+        if older:
+            discard_folder(sibling)
 
 
 def _delete_run_artifacts(client: MlflowClient, run_id: str, path: str) -> None:

@@ -345,6 +345,8 @@ def fetch(client: MlflowClient, source: _Source, cache: Path) -> Path:
         cached = cache / source.sha256
         if _cache_hit(cached):
             return cached
+    # MLflow's per-file progress bar is noise in logs and notebooks; a user's own setting wins.
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     cache.mkdir(parents=True, exist_ok=True)
     tmp = cache / f".download-{uuid.uuid4().hex[:8]}"
     local = tmp

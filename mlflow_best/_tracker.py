@@ -21,10 +21,12 @@ import torch
 from mlflow import MlflowClient
 from mlflow.entities import Param, RunStatus, RunTag
 from mlflow.exceptions import MlflowException
+from mlflow.tracking.context.registry import resolve_tags
 
 from mlflow_best import _distributed as dist
+from mlflow_best import _errors
 from mlflow_best._config import TrackConfig, home
-from mlflow_best._errors import ConfigError, MetricError, TrackingStoreError, UnsentError
+from mlflow_best._errors import ConfigError, MetricError, MlflowBestError, TrackingStoreError, UnsentError
 from mlflow_best._plot import EpochPoint, plot_filename, render_metric_plot
 from mlflow_best._registry import TAG, Publisher, checkpoint_name, ensure_registered_model, is_missing
 from mlflow_best._state import SnapshotPool, capture_rng, class_path, to_plain, unwrap_model
@@ -68,6 +70,8 @@ class Run:
         start_epoch: the first epoch to train: 0, or the epoch after the checkpoint resumed from.
         best: the best epoch so far (``Best``); ``best.version`` is filled once registered.
         staging_dir: the local folder that holds checkpoints and metrics until MLflow has them.
+        history: ``EpochPoint(epoch, value, improved)`` per epoch of the monitored metric (of the
+            whole run when resumed); drawn into ``plots/<monitor>.png`` at the end.
     """
 
     def __init__(
@@ -119,14 +123,32 @@ class Run:
 
     # -- start -----------------------------------------------------------------------------------
     def __enter__(self) -> Run:
+        failure: BaseException | None = None
         if self._leader:
-            self._start()
-        state = dist.broadcast(
-            (self.run_id, self.experiment_id, self.start_epoch, self.best, self._resume_payload())
-            if self._leader
-            else None
-        )
-        self.run_id, self.experiment_id, self.start_epoch, self.best, payload = state
+            try:
+                self._start()
+            except BaseException as e:
+                failure = e
+        # The other ranks wait here for rank 0's run. If rank 0 could not start it, they must fail
+        # too, with its reason, instead of waiting in this broadcast forever.
+        message: dict[str, Any] | None = None
+        if self._leader and failure is not None:
+            message = {"error": (type(failure).__name__, str(failure))}
+        elif self._leader:
+            state = (self.run_id, self.experiment_id, self.start_epoch, self.best, self._resume_payload())
+            message = {"state": state}
+        message = dist.broadcast(message)
+        if failure is not None:
+            raise failure
+        assert message is not None
+        if "error" in message:
+            name, text = message["error"]
+            cls = getattr(_errors, name, None)
+            if not (isinstance(cls, type) and issubclass(cls, MlflowBestError)) or cls is UnsentError:
+                cls = TrackingStoreError
+            rank = dist.rank()
+            raise cls(f"rank 0 could not start the MLflow run, so rank {rank} stops too ({name}: {text})")
+        self.run_id, self.experiment_id, self.start_epoch, self.best, payload = message["state"]
         if not self._leader and payload is not None:
             self._apply(payload[0], payload[1], rank=dist.rank())
         self._resume_state: Any = None
@@ -143,10 +165,7 @@ class Run:
         client = MlflowClient(tracking_uri=self.tracking_uri)
         self._client = client
         try:
-            if cfg.resume is not None:
-                run = self._reopen(client, cfg.resume)
-            else:
-                run = self._create(client)
+            run = self._reopen(client, cfg.resume) if cfg.resume is not None else self._create(client)
         except MlflowException as e:
             raise TrackingStoreError(
                 f"the tracking store at {self.tracking_uri!r} refused or did not answer ({e.message}); "
@@ -181,11 +200,11 @@ class Run:
                 raise
             self.history = _earlier_points(client, self.run_id, cfg, self.start_epoch)
         self._t_enter = self._t_epoch = time.monotonic()
-        if cfg.tracking_uri is None or cfg.tracking_uri == mlflow.get_tracking_uri():
+        same_store = cfg.tracking_uri is None or cfg.tracking_uri == mlflow.get_tracking_uri()
+        if same_store and mlflow.active_run() is None:
             # The run is the active fluent run inside the block, so mlflow.log_* calls land in it.
-            if mlflow.active_run() is None:
-                mlflow.start_run(run_id=self.run_id)
-                self._fluent = True
+            mlflow.start_run(run_id=self.run_id)
+            self._fluent = True
 
     def _create(self, client: MlflowClient) -> Any:
         cfg = self.config
@@ -196,6 +215,8 @@ class Run:
         _check_writable(self._staging_root())
         tags = {str(k): str(v) for k, v in (cfg.tags or {}).items()}
         tags.update(self._own_tags())
+        # MLflow's own context tags (user, source file, git commit), as mlflow.start_run would set them.
+        tags = resolve_tags(tags)
         run = client.create_run(experiment_id, run_name=cfg.run_name, tags=tags)
         params = self._params()
         client.log_batch(run.info.run_id, params=[Param(k, v) for k, v in params.items()])
@@ -337,7 +358,7 @@ class Run:
         t0 = time.perf_counter()
         values = self._check_metrics(epoch, metrics)
         value = values[self.config.monitor]
-        decision = (False, False)
+        decision = (False, False, value)
         if self._leader:
             improved = self.config.criterion.improves(value, self.best.value)
             every = self.config.save_last_every
@@ -346,8 +367,9 @@ class Run:
                 and every > 0
                 and (self._last_saved_epoch is None or epoch - self._last_saved_epoch >= every)
             )
-            decision = (improved, last_due)
-        improved, last_due = dist.broadcast(decision)
+            decision = (improved, last_due, value)
+        # Rank 0's value too: run.best must read the same on every rank, not each rank's local metric.
+        improved, last_due, value = dist.broadcast(decision)
         rngs = dist.gather(capture_rng(self.generators)) if (improved or last_due) and dist.active() else None
         self._last_epoch = epoch
         previous = self.best
@@ -485,7 +507,7 @@ class Run:
             status += ", last state saved" if last_saved else ""
         else:
             status = f"no finite {monitor} yet"
-        print(f"epoch {epoch:3d}  {shown}  | {status}  [{took:.1f} s]", flush=True)
+        print(f"epoch {epoch:3d}  {shown}  | {status}  [{took:.2f} s]", flush=True)
 
     def _verbose(self) -> bool:
         if self.config.verbose is not None:
@@ -524,11 +546,15 @@ class Run:
     def _finish(self, status: str, crashed: bool) -> None:
         pipeline = self._require_pipeline()
         try:
-            if crashed and self.config.save_last_every and self._last_epoch is not None:
-                if self._last_saved_epoch != self._last_epoch:
-                    # The seed practice: a crash must not lose progress. The state as it is now,
-                    # labelled with the last completed epoch, so resume continues from here.
-                    self._checkpoint(self._last_epoch, dict(self._last_metrics), "last", None)
+            if (
+                crashed
+                and self.config.save_last_every
+                and self._last_epoch is not None
+                and self._last_saved_epoch != self._last_epoch
+            ):
+                # The seed practice: a crash must not lose progress. The state as it is now,
+                # labelled with the last completed epoch, so resume continues from here.
+                self._checkpoint(self._last_epoch, dict(self._last_metrics), "last", None)
             self._submit_plot(pipeline)
             pipeline.submit(TagsOp(pipeline.journal.next_seq(), self._summary_tags()))
             pipeline.submit(EndOp(pipeline.journal.next_seq(), status))
@@ -545,7 +571,8 @@ class Run:
                 f"mlflow_best: {len(pending)} item(s) of run {self.run_id} did not reach MLflow at "
                 f"{self.tracking_uri!r}:\n  - " + "\n  - ".join(lines) + f"\nLocal copies are kept in "
                 f"{self.staging_dir} (each checkpoint in the folder named above, every metric in "
-                f"{self.staging_dir / 'journal.jsonl'}). When the server is back, upload them into the same run with "
+                f"{self.staging_dir / 'journal.jsonl'}). When the server is back, upload them into the same "
+                "run with "
                 f"mlflow_best.sync({self.run_id!r}) or `mlflow-best sync {self.run_id}`.",
                 str(self.staging_dir),
                 lines,
@@ -654,13 +681,17 @@ def _earlier_points(client: MlflowClient, run_id: str, cfg: TrackConfig, before:
 
 
 def _progress_line(in_flight: int, elapsed: float) -> None:
-    print(f"mlflow_best: finishing {in_flight} upload(s) to MLflow… {elapsed:.0f} s", file=sys.stderr, flush=True)
+    print(
+        f"mlflow_best: finishing {in_flight} upload(s) to MLflow… {elapsed:.0f} s",
+        file=sys.stderr,
+        flush=True,
+    )
 
 
 def _pop_fluent_run(run_id: str) -> None:
     from mlflow.tracking.fluent import _active_run_stack
 
-    stack = _active_run_stack.get()
+    stack = _active_run_stack.get()  # type: ignore[no-untyped-call]
     if stack and stack[-1].info.run_id == run_id:
         stack.pop()
     os.environ.pop("MLFLOW_RUN_ID", None)
@@ -718,7 +749,9 @@ def _now_ms() -> int:
     return int(time.time() * 1000)
 
 
-def _write_run_file(staging: Path, run_id: str, experiment_id: str, tracking_uri: str, cfg: TrackConfig) -> None:
+def _write_run_file(
+    staging: Path, run_id: str, experiment_id: str, tracking_uri: str, cfg: TrackConfig
+) -> None:
     """What ``sync`` needs to replay this staging folder into the same run from another process."""
     import json
 
