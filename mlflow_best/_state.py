@@ -110,7 +110,9 @@ class SnapshotPool:
     """
 
     def __init__(self, slots: int = 2) -> None:
-        self._free: queue.Queue[dict[str, torch.Tensor]] = queue.Queue()
+        # LIFO: the slot the writer released last (already allocated, pages touched) is reused, so the
+        # second slot is only ever allocated when the first is still being written.
+        self._free: queue.LifoQueue[dict[str, torch.Tensor]] = queue.LifoQueue()
         for _ in range(slots):
             self._free.put({})
 

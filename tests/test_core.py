@@ -17,7 +17,7 @@ from mlflow import MlflowClient
 
 import mlflow_best
 from mlflow_best._state import SnapshotPool
-from tests.helpers import TinyNet, run_sequence, train_step, unique
+from tests.helpers import TinyNet, run_sequence, unique
 
 
 def _versions(client: MlflowClient, name: str) -> list[dict[str, str]]:
@@ -102,16 +102,15 @@ def test_each_improvement_is_a_logged_model_and_a_version_in_order(store: str) -
     outputs = client.get_run(run.run_id).outputs.model_outputs
     assert sorted(o.step for o in outputs) == [0, 1, 3]
     tags = client.get_run(run.run_id).data.tags
-    assert (tags["mlflow_best.best_epoch"], tags["mlflow_best.best_value"], tags["mlflow_best.best_version"]) == (
-        "3", "0.5", "3"
-    )
+    best = (tags["mlflow_best.best_epoch"], tags["mlflow_best.best_value"], tags["mlflow_best.best_version"])
+    assert best == ("3", "0.5", "3")
     assert run.best == mlflow_best.Best(epoch=3, value=0.5, version="3", model_id=run.best.model_id)
 
 
 def test_the_alias_moves_only_to_a_version_that_beats_its_holder_across_runs(store: str) -> None:
     name = unique("model")
     exp = unique("exp")
-    first, _, _ = run_sequence([1.0, 0.3], experiment=exp, registered_model=name)
+    run_sequence([1.0, 0.3], experiment=exp, registered_model=name)
     client = MlflowClient(store)
     assert str(client.get_model_version_by_alias(name, "best").version) == "2"
     run_sequence([0.9, 0.5, 0.4], experiment=exp, registered_model=name)  # never beats 0.3
@@ -138,7 +137,10 @@ def test_run_statuses_and_the_exception_propagates_unchanged(sqlite_uri: str) ->
     assert client.get_run(ok.run_id).info.status == "FINISHED"
 
     error = ValueError("boom in epoch 1")
-    with pytest.raises(ValueError, match="boom in epoch 1") as caught, mlflow_best.track(model, None) as failed:
+    with (
+        pytest.raises(ValueError, match="boom in epoch 1") as caught,
+        mlflow_best.track(model, None) as failed,
+    ):
         failed.log_epoch(0, {"val_loss": 1.0})
         raise error
     assert caught.value is error
@@ -169,12 +171,15 @@ def test_a_dead_server_at_exit_never_hides_the_users_exception(tmp_path: Path) -
         pytest.skip(postgres_available())
     server = MlflowServer(tmp_path / "srv").start()
     try:
-        with pytest.warns(RuntimeWarning), pytest.raises(ZeroDivisionError):  # noqa: PT031
-            with mlflow_best.track(TinyNet(), None, tracking_uri=server.url, offline_timeout=1) as run:
-                run.log_epoch(0, {"val_loss": 1.0})
-                server.stop()
-                run.log_epoch(1, {"val_loss": 0.5})
-                _ = 1 / 0
+        with (
+            pytest.warns(RuntimeWarning),
+            pytest.raises(ZeroDivisionError),
+            mlflow_best.track(TinyNet(), None, tracking_uri=server.url, offline_timeout=1) as run,
+        ):
+            run.log_epoch(0, {"val_loss": 1.0})
+            server.stop()
+            run.log_epoch(1, {"val_loss": 0.5})
+            _ = 1 / 0
     finally:
         server.drop()
 
@@ -182,7 +187,7 @@ def test_a_dead_server_at_exit_never_hides_the_users_exception(tmp_path: Path) -
 # -- resume --------------------------------------------------------------------------------------
 def test_resume_continues_the_same_run_and_the_best_carries_over(store: str) -> None:
     exp, name = unique("exp"), unique("model")
-    first, model, opt = run_sequence([1.0, 0.4, 0.6], experiment=exp, registered_model=name)
+    first, _, _ = run_sequence([1.0, 0.4, 0.6], experiment=exp, registered_model=name)
     model2 = TinyNet()
     opt2 = torch.optim.Adam(model2.parameters(), lr=0.01)
     with mlflow_best.track(model2, opt2, experiment=exp, registered_model=name, resume=first.run_id) as run:
@@ -212,7 +217,9 @@ def test_resume_of_a_run_without_checkpoint_starts_at_epoch_0_with_a_warning(sql
 def test_restore_by_every_reference_gives_the_exact_best_weights(store: str, form: str) -> None:
     name = unique("model")
     snaps: dict[int, dict[str, torch.Tensor]] = {}
-    run, _, _ = run_sequence([1.0, 0.5, 0.7, 0.6], experiment=unique("e"), registered_model=name, snapshots=snaps)
+    run, _, _ = run_sequence(
+        [1.0, 0.5, 0.7, 0.6], experiment=unique("e"), registered_model=name, snapshots=snaps
+    )
     ref = {
         "run_id": run.run_id,
         "runs": f"runs:/{run.run_id}",
@@ -266,24 +273,28 @@ def test_bad_configuration_is_refused_before_any_run_starts(sqlite_uri: str) -> 
         mlflow_best.track(model, None, registered_model="a/b")
     with pytest.raises(mlflow_best.ConfigError, match="alias='latest' is reserved"):
         mlflow_best.track(model, None, registered_model="x", alias="latest")
-    with pytest.raises(mlflow_best.ConfigError, match="model_args=.*not JSON"):
+    with pytest.raises(mlflow_best.ConfigError, match=r"model_args=.*not JSON"):
         mlflow_best.track(model, None, model_args={"act": torch.nn.ReLU()})
-    with pytest.raises(mlflow_best.ConfigError, match="model=str must be a torch.nn.Module"):
+    with pytest.raises(mlflow_best.ConfigError, match=r"model=str must be a torch\.nn\.Module"):
         mlflow_best.track("not a model", None)  # type: ignore[arg-type]
     assert MlflowClient(sqlite_uri).search_runs(["0"]) == []
 
 
 def test_an_unreachable_tracking_store_is_reported_at_the_start(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
-    with pytest.raises(mlflow_best.TrackingStoreError, match="127.0.0.1:9.*did not answer"):
-        with mlflow_best.track(TinyNet(), None, tracking_uri="http://127.0.0.1:9"):
-            pass
+    with (
+        pytest.raises(mlflow_best.TrackingStoreError, match=r"127\.0\.0\.1:9.*did not answer"),
+        mlflow_best.track(TinyNet(), None, tracking_uri="http://127.0.0.1:9"),
+    ):
+        pass
 
 
 def test_a_missing_monitor_names_the_keys_passed(sqlite_uri: str) -> None:
     with mlflow_best.track(TinyNet(), None, monitor="val_loss") as run:
         run.log_epoch(0, {"val_loss": 1.0})
-        with pytest.raises(mlflow_best.MetricError, match=r"monitor='val_loss' is not in .*'loss', 'valid_loss'"):
+        with pytest.raises(
+            mlflow_best.MetricError, match=r"monitor='val_loss' is not in .*'loss', 'valid_loss'"
+        ):
             run.log_epoch(1, {"loss": 1.0, "valid_loss": 0.5})
         with pytest.raises(mlflow_best.MetricError, match=r"metric 'val_acc' is 'high' \(str\)"):
             run.log_epoch(1, {"val_loss": 1.0, "val_acc": "high"})
@@ -368,10 +379,16 @@ class _Evil:
 
 def test_architecture_mismatch_lists_missing_unexpected_and_misshaped_keys(sqlite_uri: str) -> None:
     run, _, _ = run_sequence([1.0], hidden=8)
-    with pytest.raises(mlflow_best.ArchitectureMismatchError, match=r"mis-shaped keys \['fc1.bias: checkpoint \(8,\) vs model \(16,\)'"):
+    with pytest.raises(
+        mlflow_best.ArchitectureMismatchError,
+        match=r"mis-shaped keys \['fc1.bias: checkpoint \(8,\) vs model \(16,\)'",
+    ):
         mlflow_best.restore(run.run_id, model=TinyNet(hidden=16))
     other = torch.nn.Sequential(torch.nn.Linear(4, 8))
-    with pytest.raises(mlflow_best.ArchitectureMismatchError, match=r"missing keys \['0.bias', '0.weight'\].*unexpected keys \['fc1.bias'"):
+    with pytest.raises(
+        mlflow_best.ArchitectureMismatchError,
+        match=r"missing keys \['0.bias', '0.weight'\].*unexpected keys \['fc1.bias'",
+    ):
         mlflow_best.restore(run.run_id, model=other)
 
 
@@ -379,7 +396,10 @@ def test_model_none_without_model_args_says_how_to_fix(sqlite_uri: str) -> None:
     model = torch.nn.Linear(4, 2)
     with mlflow_best.track(model, None) as run:
         run.log_epoch(0, {"val_loss": 1.0})
-    with pytest.raises(mlflow_best.ConfigError, match=r"needs arguments \['in_features', 'out_features'\].*pass model=.*model_args"):
+    with pytest.raises(
+        mlflow_best.ConfigError,
+        match=r"needs arguments \['in_features', 'out_features'\].*pass model=.*model_args",
+    ):
         mlflow_best.restore(run.run_id)
     assert mlflow_best.restore(run.run_id, model=torch.nn.Linear(4, 2)).epoch == 0
 
@@ -414,8 +434,8 @@ def test_sigkill_mid_run_leaves_a_restorable_checkpoint(sqlite_uri: str, tmp_pat
         model = TinyNet(); opt = torch.optim.SGD(model.parameters(), lr=0.1)
         with mlflow_best.track(model, opt, model_args={{"hidden": 8}}) as run:
             print(run.run_id, flush=True)
-            for epoch in range(1000):
-                run.log_epoch(epoch, {{"val_loss": 1.0 / (epoch + 1)}})
+            for epoch in range(10**6):  # runs until killed
+                run.log_epoch(epoch, {{"val_loss": 1.0 / (epoch // 10 + 1)}})
                 time.sleep(0.02)
     """))
     proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
@@ -423,7 +443,8 @@ def test_sigkill_mid_run_leaves_a_restorable_checkpoint(sqlite_uri: str, tmp_pat
     run_id = proc.stdout.readline().strip()
     client = MlflowClient(sqlite_uri)
     deadline = time.monotonic() + 60
-    while "mlflow_best.best_version" not in client.get_run(run_id).data.tags and time.monotonic() < deadline:
+    while "mlflow_best.best_model_id" not in client.get_run(run_id).data.tags:
+        assert time.monotonic() < deadline, "no checkpoint reached MLflow within 60 s"
         time.sleep(0.1)
     time.sleep(0.3)
     proc.send_signal(signal.SIGKILL)
@@ -451,16 +472,20 @@ def test_public_api_is_pinned() -> None:
 def test_log_epoch_after_the_block_is_refused(sqlite_uri: str) -> None:
     with mlflow_best.track(TinyNet(), None) as run:
         run.log_epoch(0, {"val_loss": 1.0})
-    with pytest.raises(RuntimeError, match="outside the `with mlflow_best.track"):
+    with pytest.raises(RuntimeError, match=r"outside the `with mlflow_best\.track"):
         run.log_epoch(1, {"val_loss": 0.5})
 
 
 def test_resume_into_a_model_that_does_not_fit_leaves_the_run_as_it_was(sqlite_uri: str) -> None:
     first, _, _ = run_sequence([1.0, 0.5])
-    with pytest.raises(mlflow_best.ArchitectureMismatchError, match="mis-shaped keys"):
-        with mlflow_best.track(TinyNet(hidden=32), None, resume=first.run_id):
-            pass
+    with (
+        pytest.raises(mlflow_best.ArchitectureMismatchError, match="mis-shaped keys"),
+        mlflow_best.track(TinyNet(hidden=32), None, resume=first.run_id),
+    ):
+        pass
     assert MlflowClient(sqlite_uri).get_run(first.run_id).info.status == "FINISHED"
-    with pytest.raises(mlflow_best.ConfigError, match="resume='nope' is not a run"):
-        with mlflow_best.track(TinyNet(), None, resume="nope"):
-            pass
+    with (
+        pytest.raises(mlflow_best.ConfigError, match="resume='nope' is not a run"),
+        mlflow_best.track(TinyNet(), None, resume="nope"),
+    ):
+        pass

@@ -123,3 +123,36 @@ def test_a_device_that_is_unknown_or_absent_is_refused_before_anything_is_loaded
     not_even_a_checkpoint: Callable[[], Any] = lambda: mlflow_best.restore(str(tmp_path), device=device)  # noqa: E731
     with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
         not_even_a_checkpoint()
+
+
+class _Tied(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = torch.nn.Embedding(10, 4)
+        self.out = torch.nn.Linear(4, 10, bias=False)
+        self.out.weight = self.emb.weight  # one Parameter under two names
+        self.register_buffer("cache", torch.arange(3.0), persistent=False)
+
+
+def test_a_rebuilt_model_keeps_tied_weights_and_non_persistent_buffers(sqlite_uri: str) -> None:
+    model = _Tied()
+    with mlflow_best.track(model, None, model_args={}) as run:
+        run.log_epoch(0, {"val_loss": 1.0})
+    r = mlflow_best.restore(run.run_id)
+    assert r.model.out.weight is r.model.emb.weight
+    assert torch.equal(r.model.emb.weight, model.emb.weight)
+    assert torch.equal(r.model.cache, torch.arange(3.0))
+
+
+def test_a_rebuilt_model_has_real_parameters_that_train(sqlite_uri: str) -> None:
+    from tests.helpers import run_sequence
+
+    run, model, _ = run_sequence([1.0])
+    r = mlflow_best.restore(run.run_id)
+    assert all(p.requires_grad and p.device.type == "cpu" for p in r.model.parameters())
+    assert r.optimizer is not None
+    before = r.model.fc1.weight.clone()
+    r.model(torch.randn(3, 4)).sum().backward()
+    r.optimizer.step()
+    assert not torch.equal(before, r.model.fc1.weight)
+    assert all(p is q for p, q in zip(r.optimizer.param_groups[0]["params"], r.model.parameters()))
