@@ -206,8 +206,11 @@ class Publisher:
             V_RUN: self.run_id,
             TAG + "checkpoint": op.name,
         }
-        if "model_id" not in p and op.timestamp_ms < self._since_ms:
+        # A retry (the last attempt failed: its answer may have been lost after MLflow acted) or a
+        # replay of another process's journal: look for what already exists before creating more.
+        if p.get("tried") or op.timestamp_ms < self._since_ms:
             self._resume_progress(p)
+        p["tried"] = True
         if "model_id" not in p:
             lm = self.client.create_logged_model(
                 self.experiment_id,
@@ -299,19 +302,20 @@ class Publisher:
                 self.client.set_model_version_tag(self.registered_model, version, V_PRUNED, "true")
 
     def _resume_progress(self, p: dict[str, Any]) -> None:
-        """Pick up where an earlier process stopped publishing this checkpoint (found by its sha256).
+        """Pick up where an earlier attempt stopped publishing this checkpoint (found by its sha256).
 
-        A process killed after MLflow created the LoggedModel or the version, but before it marked
-        the op as sent, leaves them behind; a replay that started over would register the same
-        checkpoint twice.
+        A server that died after creating the LoggedModel or the version but before answering, or a
+        process killed before it marked the op as sent, leaves them behind; an attempt that started
+        over would register the same checkpoint twice.
         """
-        for m in _search_logged_models(self.client, self.experiment_id, self.run_id):
-            if (m.tags or {}).get(V_SHA) == p["sha256"]:
-                p["model_id"] = m.model_id
-                if str(m.status).endswith("READY"):  # finalized only after its files were complete
-                    p.update(metrics=True, artifacts=True, finalized=True)
-                break
-        if self.registered_model and "model_id" in p:
+        if "model_id" not in p:
+            for m in _search_logged_models(self.client, self.experiment_id, self.run_id):
+                if (m.tags or {}).get(V_SHA) == p["sha256"]:
+                    p["model_id"] = m.model_id
+                    if str(m.status).endswith("READY"):  # finalized only after its files were complete
+                        p.update(metrics=True, artifacts=True, finalized=True)
+                    break
+        if self.registered_model and "model_id" in p and "version" not in p:
             escaped = self.registered_model.replace("'", "\\'")
             for v in self.client.search_model_versions(f"name='{escaped}' and run_id='{self.run_id}'"):
                 if (v.tags or {}).get(V_SHA) == p["sha256"]:

@@ -280,7 +280,7 @@ class Pipeline:
                 return
             if isinstance(op, CheckpointOp) and op.kind == "best":
                 # MLflow has it now; the staged copy only costs disk ("last" stays: it is replaced).
-                shutil.rmtree(op.folder, ignore_errors=True)
+                discard_folder(Path(op.folder))
             with self._count_lock:
                 self._in_flight -= 1
 
@@ -346,6 +346,17 @@ class Pipeline:
         self._disk.join()
         self.journal.close()
         return self.pending
+
+
+def discard_folder(folder: Path) -> None:
+    """Delete a staged checkpoint folder; renamed to a dot-name first, so a process killed mid-delete
+    never leaves a partial folder under a checkpoint's name (dot-names are never read as one)."""
+    trash = folder.with_name(f".del-{folder.name}-{os.getpid()}-{threading.get_ident()}")
+    try:
+        os.replace(folder, trash)
+    except OSError:
+        return  # already gone
+    shutil.rmtree(trash, ignore_errors=True)
 
 
 def _short(error: BaseException) -> str:

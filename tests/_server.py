@@ -66,7 +66,7 @@ def _admin(sql: str) -> None:
 
 
 class MlflowServer:
-    """Start with ``start()``, stop with ``stop()``; ``stop(); start()`` simulates an outage on the same port."""
+    """Start with ``start()``, stop with ``stop()``; ``stop(); start()`` simulates an outage on one port."""
 
     def __init__(self, root: Path, port: int | None = None) -> None:
         self.root = root
@@ -158,3 +158,43 @@ def _wait_port_free(port: int, timeout: float = 10.0) -> None:
             if s.connect_ex(("127.0.0.1", port)) != 0:
                 return
         time.sleep(0.1)
+
+
+def die_with_parent() -> None:
+    """``preexec_fn`` for test children: SIGKILL them when the test process dies (Linux).
+
+    A pytest run killed by a timeout runs no teardown; without this its training children would
+    live on. Use it only for children started from the main thread: the signal follows the thread.
+    """
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
+class LineReader:
+    """Lines a child prints, read by a thread, so a hung child fails the test instead of hanging it."""
+
+    def __init__(self, proc: subprocess.Popen[str]) -> None:
+        import queue
+        import threading
+
+        self.proc = proc
+        self.lines: queue.Queue[str | None] = queue.Queue()
+        self._thread = threading.Thread(target=self._pump, daemon=True)
+        self._thread.start()
+
+    def _pump(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.lines.put(line.rstrip("\n"))
+        self.lines.put(None)
+
+    def next(self, timeout: float) -> str | None:
+        """The next line; None once the child closed stdout (exited). Raises TimeoutError."""
+        import queue
+
+        try:
+            return self.lines.get(timeout=timeout)
+        except queue.Empty:
+            raise TimeoutError(f"no output from pid {self.proc.pid} in {timeout} s") from None

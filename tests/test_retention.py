@@ -27,7 +27,7 @@ def test_keep_deletes_the_files_of_checkpoints_outside_the_n_best(store: str) ->
     assert str(client.get_model_version_by_alias(name, "best").version) == "5"
     assert mlflow_best.restore(f"models:/{name}/4").epoch == 4
     assert mlflow_best.restore(f"models:/{name}@best").epoch == 5
-    with pytest.raises(mlflow_best.CheckpointNotFoundError, match="version 1 .* was pruned by track"):
+    with pytest.raises(mlflow_best.CheckpointNotFoundError, match=r"version 1 .* was pruned by track"):
         mlflow_best.restore(f"models:/{name}/1")
     exp_id = client.get_run(run.run_id).info.experiment_id
     models = client.search_logged_models([exp_id])
