@@ -14,6 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import mlflow
 from mlflow import MlflowClient
 from mlflow.entities import LoggedModelOutput, Metric, RunTag
 from mlflow.exceptions import MlflowException
@@ -26,6 +27,7 @@ TAG = "mlflow_best."
 # Tags on each model version; plain keys so they read well in the registry UI.
 V_EPOCH, V_MONITOR, V_MODE, V_VALUE, V_SHA, V_RUN = "epoch", "monitor", "mode", "value", "sha256", "run_id"
 V_PRUNED = TAG + "pruned"
+V_MODEL_ID = TAG + "model_id"
 
 
 def checkpoint_name(epoch: int, monitor: str, value: float) -> str:
@@ -240,9 +242,9 @@ class Publisher:
         if self.registered_model and "version" not in p:
             mv = self.client.create_model_version(
                 self.registered_model,
-                source=f"models:/{model_id}",
+                source=self._version_source(model_id),
                 run_id=self.run_id,
-                tags=tags,
+                tags={**tags, V_MODEL_ID: model_id},
                 model_id=model_id,
                 description=f"{op.name} of run {self.run_id}",
             )
@@ -300,6 +302,20 @@ class Publisher:
             self.client.set_logged_model_tags(m.model_id, {V_PRUNED: "true"})
             if version is not None and self.registered_model:
                 self.client.set_model_version_tag(self.registered_model, version, V_PRUNED, "true")
+
+    def _version_source(self, model_id: str) -> str:
+        """``models:/<id>``, unless MLflow's database registry would resolve it in the wrong store.
+
+        The SQL registry looks ``models:/<id>`` up through the *global* tracking URI (not the
+        client's); with ``track(tracking_uri=...)`` pointing elsewhere, that lookup fails forever.
+        The LoggedModel's own artifact location is then the source; the ``mlflow_best.model_id``
+        tag keeps the link for ``restore``.
+        """
+        uri = self.client.tracking_uri
+        scheme = uri.split(":", 1)[0].split("+", 1)[0]
+        if scheme in ("sqlite", "postgresql", "mysql", "mssql") and uri != mlflow.get_tracking_uri():
+            return str(self.client.get_logged_model(model_id).artifact_location)
+        return f"models:/{model_id}"
 
     def _resume_progress(self, p: dict[str, Any]) -> None:
         """Pick up where an earlier attempt stopped publishing this checkpoint (found by its sha256).

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import inspect
 import json
@@ -9,6 +10,7 @@ import math
 import os
 import re
 import shutil
+import time
 import uuid
 import warnings
 from collections.abc import Mapping
@@ -41,7 +43,7 @@ from mlflow_best._errors import (
     TrackingStoreError,
     UnsentError,
 )
-from mlflow_best._registry import TAG, V_PRUNED, V_SHA, Publisher, is_missing
+from mlflow_best._registry import TAG, V_MODEL_ID, V_PRUNED, V_SHA, Publisher, is_missing
 from mlflow_best._state import apply_rng, unwrap_model
 from mlflow_best._writer import CheckpointOp, Journal, MetricsOp, Op, describe, read_unsent
 
@@ -268,7 +270,7 @@ def _resolve_model(client: MlflowClient, rest: str, ref: str) -> _Source:
 
 def _from_version(client: MlflowClient, mv: Any) -> _Source:
     from_source = mv.source.split("/")[-1] if mv.source.startswith("models:/m-") else None
-    model_id = getattr(mv, "model_id", None) or from_source
+    model_id = getattr(mv, "model_id", None) or (mv.tags or {}).get(V_MODEL_ID) or from_source
     if not model_id:
         raise CheckpointError(
             f"model version {mv.name}/{mv.version} was not logged by mlflow_best (source {mv.source!r}); "
@@ -351,6 +353,7 @@ def fetch(client: MlflowClient, source: _Source, cache: Path) -> Path:
     # MLflow's per-file progress bar is noise in logs and notebooks; a user's own setting wins.
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     cache.mkdir(parents=True, exist_ok=True)
+    _sweep_leftovers(cache)
     tmp = cache / f".download-{uuid.uuid4().hex[:8]}"
     local = tmp
     stored = source.artifact_uri.rstrip("/")
@@ -372,10 +375,7 @@ def fetch(client: MlflowClient, source: _Source, cache: Path) -> Path:
             )
         final = cache / actual
         _write_stamp(local, manifest)
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(local, final)
-        return final
+        return _publish_to_cache(local, final, cache)
     except CheckpointError as e:
         # Name the file where it is stored, not in the temporary download folder removed below.
         raise type(e)(str(e).replace(str(local), stored)) from e
@@ -383,6 +383,38 @@ def fetch(client: MlflowClient, source: _Source, cache: Path) -> Path:
         raise TrackingStoreError(f"downloading {source.artifact_uri} failed: {e.message}") from e
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _sweep_leftovers(cache: Path, age_s: float = 3600.0) -> None:
+    """Remove stale entries and downloads of killed processes, once nobody can still be reading them."""
+    now = time.time()
+    for entry in cache.glob(".[sd][to]*-*"):  # .stale-* and .download-*
+        with contextlib.suppress(OSError):
+            if now - entry.stat().st_mtime > age_s:
+                shutil.rmtree(entry, ignore_errors=True)
+
+
+def _publish_to_cache(local: Path, final: Path, cache: Path) -> Path:
+    """Move a verified download to ``final``, safe against other processes doing the same.
+
+    Ranks of one node restore the same checkpoint at once: an entry another process completed is kept
+    (the content is identical by its name); a stale one is moved aside, never deleted in place, so a
+    reader that already holds it keeps reading whole files.
+    """
+    for _ in range(3):
+        if _cache_hit(final):
+            return final
+        if final.exists():
+            with contextlib.suppress(OSError):
+                os.replace(final, cache / f".stale-{uuid.uuid4().hex[:8]}")
+        try:
+            os.replace(local, final)
+            return final
+        except OSError:
+            continue  # another process put its copy there first: check it on the next pass
+    if _cache_hit(final):
+        return final
+    raise CheckpointError(f"{final}: the download cache kept changing under this process; retry restore")
 
 
 def _write_stamp(folder: Path, manifest: Manifest) -> None:

@@ -489,3 +489,20 @@ def test_resume_into_a_model_that_does_not_fit_leaves_the_run_as_it_was(sqlite_u
         mlflow_best.track(TinyNet(), None, resume="nope"),
     ):
         pass
+
+
+def test_an_explicit_tracking_uri_other_than_the_global_one_registers_and_restores(
+    tmp_path: Path, _sqlite_template: Path
+) -> None:
+    from tests.conftest import new_sqlite_store
+
+    uri = new_sqlite_store(_sqlite_template, tmp_path / "elsewhere")
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'global.db'}")
+    try:
+        name = unique("model")
+        run, _, _ = run_sequence([1.0, 0.5], registered_model=name, tracking_uri=uri, offline_timeout=5)
+        assert run.best.version == "2"
+        r = mlflow_best.restore(f"models:/{name}@best", tracking_uri=uri)
+        assert r.epoch == 1 and r.version == "2"
+    finally:
+        mlflow.set_tracking_uri(None)

@@ -147,7 +147,7 @@ def test_a_rebuilt_model_keeps_tied_weights_and_non_persistent_buffers(sqlite_ur
 def test_a_rebuilt_model_has_real_parameters_that_train(sqlite_uri: str) -> None:
     from tests.helpers import run_sequence
 
-    run, model, _ = run_sequence([1.0])
+    run, _, _ = run_sequence([1.0])
     r = mlflow_best.restore(run.run_id)
     assert all(p.requires_grad and p.device.type == "cpu" for p in r.model.parameters())
     assert r.optimizer is not None
@@ -155,4 +155,4 @@ def test_a_rebuilt_model_has_real_parameters_that_train(sqlite_uri: str) -> None
     r.model(torch.randn(3, 4)).sum().backward()
     r.optimizer.step()
     assert not torch.equal(before, r.model.fc1.weight)
-    assert all(p is q for p, q in zip(r.optimizer.param_groups[0]["params"], r.model.parameters()))
+    assert all(p is q for p, q in zip(r.optimizer.param_groups[0]["params"], r.model.parameters(), strict=True))

@@ -173,13 +173,6 @@ def test_ddp_rank0_logs_and_decides_every_rank_agrees_restores_and_resumes(
     assert "rank 0" in r1["bad_resume"]
 
 
-@pytest.mark.xfail(
-    reason="restore's download cache is not safe when ranks of one node fill it at once: fetch() removes "
-    "and replaces cache/<sha256> in place (OSError 'Directory not empty', or a reader sees files vanish); "
-    "the fix (keep a valid entry another process made, move a stale one aside before replacing) is in "
-    "_restore.py. Remove this marker with it.",
-    strict=False,
-)
 def test_ranks_of_one_node_restoring_at_once_share_the_download_cache(
     sqlite_uri: str, tmp_path: Path
 ) -> None:
