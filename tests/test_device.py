@@ -155,4 +155,5 @@ def test_a_rebuilt_model_has_real_parameters_that_train(sqlite_uri: str) -> None
     r.model(torch.randn(3, 4)).sum().backward()
     r.optimizer.step()
     assert not torch.equal(before, r.model.fc1.weight)
-    assert all(p is q for p, q in zip(r.optimizer.param_groups[0]["params"], r.model.parameters(), strict=True))
+    params = r.optimizer.param_groups[0]["params"]
+    assert all(p is q for p, q in zip(params, r.model.parameters(), strict=True))
