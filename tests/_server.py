@@ -68,12 +68,17 @@ def _admin(sql: str) -> None:
 class MlflowServer:
     """Start with ``start()``, stop with ``stop()``; ``stop(); start()`` simulates an outage on one port."""
 
-    def __init__(self, root: Path, port: int | None = None) -> None:
+    def __init__(
+        self, root: Path, port: int | None = None, *, backend_uri: str | None = None,
+        artifacts: Path | None = None,
+    ) -> None:
+        """``backend_uri=None``: a fresh PostgreSQL database, dropped by ``drop()``; else that store."""
         self.root = root
         self.port = port or free_port()
         self.db = f"mlflow_best_{os.getpid()}_{uuid.uuid4().hex[:8]}"
+        self.backend_uri = backend_uri
         self.url = f"http://127.0.0.1:{self.port}"
-        self.artifacts = root / "artifacts"
+        self.artifacts = artifacts or root / "artifacts"
         self.proc: subprocess.Popen[bytes] | None = None
         self._created = False
 
@@ -90,9 +95,11 @@ class MlflowServer:
         return self.proc is not None and self.proc.poll() is None
 
     def start(self, timeout: float = 90.0) -> MlflowServer:
-        if not self._created:
+        if self.backend_uri is None and not self._created:
             _admin(f'CREATE DATABASE "{self.db}"')
             self._created = True
+        backend = self.backend_uri or f"{PG_DSN.replace('postgresql://', 'postgresql+psycopg2://')}/{self.db}"
+        self.root.mkdir(parents=True, exist_ok=True)
         self.artifacts.mkdir(parents=True, exist_ok=True)
         env = dict(os.environ)
         # The job executor (a huey consumer for GenAI jobs) is unused here and would compete for the
@@ -103,7 +110,7 @@ class MlflowServer:
         self.proc = subprocess.Popen(
             [
                 sys.executable, "-m", "mlflow", "server",
-                "--backend-store-uri", f"{PG_DSN.replace('postgresql://', 'postgresql+psycopg2://')}/{self.db}",
+                "--backend-store-uri", backend,
                 "--artifacts-destination", str(self.artifacts),
                 "--serve-artifacts",
                 "--host", "127.0.0.1", "--port", str(self.port),

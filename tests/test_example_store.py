@@ -2,14 +2,8 @@
 
 from __future__ import annotations
 
-import os
 import shutil
-import signal
 import sqlite3
-import subprocess
-import sys
-import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,7 +12,7 @@ from mlflow import MlflowClient
 
 import mlflow_best
 from mlflow_best._demo import DigitsMLP, evaluate, load_digits_data
-from tests._server import free_port
+from tests._server import MlflowServer
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "mlruns.example"
 
@@ -28,36 +22,13 @@ def served_copy(tmp_path: Path) -> Iterator[str]:
     """The example store copied to a place it was never created in, behind a real `mlflow server`."""
     store = tmp_path / "somewhere" / "else"
     shutil.copytree(EXAMPLE, store)
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    log = open(tmp_path / "server.log", "wb")  # noqa: SIM115 - handed to the child, closed below
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server",
-         "--backend-store-uri", f"sqlite:///{store / 'mlflow.db'}",
-         "--artifacts-destination", str(store / "artifacts"),
-         "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-        stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-    )
+    server = MlflowServer(
+        tmp_path / "server", backend_uri=f"sqlite:///{store / 'mlflow.db'}", artifacts=store / "artifacts"
+    ).start(timeout=120)
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert proc.poll() is None, (tmp_path / "server.log").read_text()[-3000:]
-            try:
-                with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                assert time.monotonic() < deadline, "mlflow server did not answer within 120 s"
-                time.sleep(0.3)
-        yield url
+        yield server.url
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-        log.close()
+        server.stop()
 
 
 def test_the_example_store_is_small_and_holds_no_local_path() -> None:
