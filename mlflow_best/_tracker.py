@@ -115,7 +115,6 @@ class Run:
         self._fluent = False
         self._closed = False
         self._status_before_resume = "FAILED"
-        self._stalls: list[float] = []
         # The monitored value per epoch, for the console lines and the plot logged at the end.
         self.history: list[EpochPoint] = []
         self._t_enter = time.monotonic()
@@ -355,7 +354,6 @@ class Run:
         Raises:
             MetricError: the monitor is missing or a value is not a number.
         """
-        t0 = time.perf_counter()
         values = self._check_metrics(epoch, metrics)
         value = values[self.config.monitor]
         decision = (False, False, value)
@@ -390,7 +388,6 @@ class Run:
                 )
             self.history.append(EpochPoint(epoch, value, bool(improved)))
             self._print_epoch(epoch, values, previous, bool(improved), bool(last_due))
-        self._stalls.append(time.perf_counter() - t0)
         return bool(improved)
 
     def _check_metrics(self, epoch: int, metrics: Mapping[str, Any]) -> dict[str, float]:
@@ -741,8 +738,7 @@ def _to_float(key: str, raw: Any) -> float:
         return float(raw.detach().cpu().item())
     if isinstance(raw, bool) or not isinstance(raw, numbers.Real):
         raise MetricError(f"metric {key!r} is {raw!r} ({type(raw).__name__}), not a number; pass a float")
-    value = float(raw)
-    return value if not math.isnan(value) else math.nan
+    return float(raw)
 
 
 def _now_ms() -> int:

@@ -222,7 +222,6 @@ class Pipeline:
         self._deadline = float("inf")
         self.offline_since: float | None = None
         self.pending: list[Op] = []
-        self.failed_writes: list[str] = []
         self._in_flight = 0
         self._count_lock = threading.Lock()
         self._disk = threading.Thread(target=self._disk_loop, name="mlflow_best-disk", daemon=True)
@@ -267,7 +266,6 @@ class Pipeline:
                 try:
                     self._written.pop(op.seq).result()
                 except BaseException as e:
-                    self.failed_writes.append(op.name)
                     self._warn(
                         f"mlflow_best: the checkpoint of epoch {op.epoch} ({op.name}) could not be written "
                         f"to {op.folder}: {e!r}. It is missing from MLflow; the previous best checkpoint "
@@ -318,8 +316,8 @@ class Pipeline:
                 try:
                     self._written.pop(item.seq).result()
                 except BaseException:
-                    self.failed_writes.append(item.name)
-                    continue
+                    # Never written: only its metrics are left to send (sync does the same).
+                    item = MetricsOp(item.seq, item.epoch, item.metrics, item.timestamp_ms)
             self.pending.append(item)
 
     # -- shutdown ---------------------------------------------------------------------------------
