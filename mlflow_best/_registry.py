@@ -84,16 +84,22 @@ def best_version(client: MlflowClient, name: str, monitor: str, criterion: Crite
     return best
 
 
-def _all_versions(client: MlflowClient, name: str) -> list[Any]:
-    escaped = name.replace("'", "\\'")
+def _paged(search: Callable[..., Any], *args: Any, **kwargs: Any) -> list[Any]:
+    """Every item of a paginated MLflow search, all pages."""
     out: list[Any] = []
     token: str | None = None
     while True:
-        page = client.search_model_versions(f"name='{escaped}'", max_results=1000, page_token=token)
+        page = search(*args, page_token=token, **kwargs)
         out.extend(page)
         token = page.token
         if not token:
             return out
+
+
+def _all_versions(client: MlflowClient, name: str, run_id: str | None = None) -> list[Any]:
+    escaped = name.replace("'", "\\'")
+    query = f"name='{escaped}'" + (f" and run_id='{run_id}'" if run_id else "")
+    return _paged(client.search_model_versions, query, max_results=1000)
 
 
 def _is_duplicate(error: MlflowException) -> bool:
@@ -332,8 +338,7 @@ class Publisher:
                         p.update(metrics=True, artifacts=True, finalized=True)
                     break
         if self.registered_model and "model_id" in p and "version" not in p:
-            escaped = self.registered_model.replace("'", "\\'")
-            for v in self.client.search_model_versions(f"name='{escaped}' and run_id='{self.run_id}'"):
+            for v in _all_versions(self.client, self.registered_model, run_id=self.run_id):
                 if (v.tags or {}).get(V_SHA) == p["sha256"]:
                     p["version"] = str(v.version)
                     break
@@ -367,16 +372,8 @@ class Publisher:
 
 
 def _search_logged_models(client: MlflowClient, experiment_id: str, run_id: str) -> list[Any]:
-    out: list[Any] = []
-    token: str | None = None
-    while True:
-        page = client.search_logged_models(
-            [experiment_id], filter_string=f"source_run_id = '{run_id}'", max_results=100, page_token=token
-        )
-        out.extend(page)
-        token = page.token
-        if not token:
-            return out
+    query = f"source_run_id = '{run_id}'"
+    return _paged(client.search_logged_models, [experiment_id], filter_string=query, max_results=100)
 
 
 def _delete_artifacts(artifact_uri: str, path: str | None = None) -> None:

@@ -235,8 +235,9 @@ class Run:
             ensure_registered_model(client, self.config.registered_model)
         _check_writable(self._staging_root())
         known = run.data.params
-        new = {k: v for k, v in self._params().items() if k not in known}
-        changed = sorted(k for k, v in self._params().items() if k in known and known[k] != v)
+        params = self._params()
+        new = {k: v for k, v in params.items() if k not in known}
+        changed = sorted(k for k, v in params.items() if k in known and known[k] != v)
         if changed:
             warnings.warn(
                 f"mlflow_best: resuming run {run_id} with different values for params {changed}; "
