@@ -12,6 +12,7 @@ parent fsynced: a reader never sees a half-written checkpoint under its final na
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import pickle
@@ -24,7 +25,7 @@ from typing import Any
 
 import torch
 
-from mlflow_best._errors import CheckpointError, UnsafeCheckpointError
+from mlflow_best._errors import CheckpointError, ConfigError, UnsafeCheckpointError
 
 FORMAT = "mlflow_best.checkpoint"
 FORMAT_VERSION = 1
@@ -253,9 +254,14 @@ def verify_checkpoint(folder: Path, *, check_hashes: bool = True) -> Manifest:
     return manifest
 
 
-def load_file(path: Path, map_location: Any) -> Any:
-    """``torch.load`` with ``weights_only=True``: anything that would run code is refused."""
+def load_file(path: Path, map_location: Any, data: bytes | None = None) -> Any:
+    """``torch.load`` with ``weights_only=True``: anything that would run code is refused.
+
+    With ``data``, those bytes are loaded (``path`` only names them in errors).
+    """
     try:
+        if data is not None:
+            return torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
         return torch.load(path, map_location=map_location, weights_only=True, mmap=False)
     except pickle.UnpicklingError as e:
         raise UnsafeCheckpointError(
@@ -274,3 +280,86 @@ def _unpickling_reason(error: BaseException) -> str:
         if "GLOBAL" in line or "nsupported" in line:
             return line
     return lines[-1] if lines else type(error).__name__
+
+
+# -- loading what was verified ---------------------------------------------------------------------
+MAX_LOAD_ENV = "MLFLOW_BEST_MAX_LOAD_BYTES"
+_DEFAULT_MAX_LOAD = 64 << 30
+
+
+def max_load_bytes() -> int:
+    """The most a checkpoint may declare before anything is read (``MLFLOW_BEST_MAX_LOAD_BYTES``)."""
+    raw = os.environ.get(MAX_LOAD_ENV)
+    if not raw:
+        return _DEFAULT_MAX_LOAD
+    try:
+        value = int(raw)
+    except ValueError as e:
+        raise ConfigError(f"{MAX_LOAD_ENV}={raw!r} is not a number of bytes; e.g. 17179869184 (16 GiB)") from e
+    return value
+
+
+def read_verified(path: Path, entry: dict[str, Any]) -> bytes:
+    """The bytes of ``path``, refused unless they are exactly the size and sha256 the manifest declares.
+
+    The file is opened once: its size is checked before anything is read, then the bytes read are
+    hashed and returned, so what was verified is what the caller loads (a file swapped after the
+    check cannot be loaded in its place).
+    """
+    declared = int(entry["bytes"])
+    limit = max_load_bytes()
+    if declared > limit:
+        raise CheckpointError(
+            f"{path}: the manifest declares {declared:,} bytes, more than the {limit:,} this process loads "
+            f"({MAX_LOAD_ENV}); raise the limit if you expect a checkpoint this large. It was not read"
+        )
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            if size != declared:
+                raise CheckpointError(
+                    f"{path} is {size} bytes, the manifest says {declared}: the file is truncated or was "
+                    "changed; restore another version or re-download it"
+                )
+            data = f.read(declared + 1)
+    except FileNotFoundError as e:
+        raise CheckpointError(f"{path} is missing; the checkpoint is incomplete") from e
+    if len(data) != declared:
+        raise CheckpointError(f"{path} changed size while it was read; it was not loaded")
+    if hashlib.sha256(data).hexdigest() != entry["sha256"]:
+        raise CheckpointError(
+            f"{path} fails its checksum (sha256 differs from the manifest): the file was changed or "
+            "corrupted; it was not loaded"
+        )
+    return data
+
+
+def check_torch_zip(data: bytes, path: Path) -> None:
+    """Refuse a torch file whose zip entries are compressed or add up to more than the file itself.
+
+    ``torch.save`` stores entries uncompressed, so a genuine checkpoint never inflates; a compressed
+    entry is how a small file would expand to gigabytes in memory (a zip bomb).
+    """
+    try:
+        with zipfile.ZipFile(io.BytesIO(data)) as z:
+            infos = z.infolist()
+    except zipfile.BadZipFile as e:
+        raise CheckpointError(f"{path} is not a torch zip file ({e}); the file is damaged") from e
+    compressed = [i.filename for i in infos if i.compress_type != zipfile.ZIP_STORED]
+    if compressed:
+        raise CheckpointError(
+            f"{path} has compressed entries ({compressed[:3]}); torch.save never compresses, so the file "
+            "was crafted to inflate on load. It was not loaded"
+        )
+    total = sum(i.file_size for i in infos)
+    if total > len(data):
+        raise CheckpointError(
+            f"{path}: its entries declare {total:,} bytes, more than the file's {len(data):,}; refused"
+        )
+
+
+def load_verified(path: Path, entry: dict[str, Any], map_location: Any) -> Any:
+    """Read, verify and load one file of a checkpoint, from the verified bytes only."""
+    data = read_verified(path, entry)
+    check_torch_zip(data, path)
+    return load_file(path, map_location, data=data)

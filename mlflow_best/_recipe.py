@@ -14,10 +14,10 @@ rebuilt (an ``nn.Sequential``, a class defined in ``__main__``) is said at once.
 
 from __future__ import annotations
 
-import importlib
 import inspect
 import random
 import sys
+import typing
 import warnings
 from collections.abc import Mapping
 from typing import Any
@@ -191,25 +191,87 @@ class OptimizerRecipe:
 
 # -- at restore -------------------------------------------------------------------------------------
 def resolve(path: Any, field: str) -> Any:
-    """The object a recorded ``module:QualName`` names."""
-    if not isinstance(path, str) or ":" not in path:
+    """The object a recorded ``module:QualName`` names, from a module this process already imported.
+
+    Nothing is imported: a checkpoint (or whoever can write to the tracking server) must not be able
+    to make restore run a module's import-time code. The user imports the module that defines the
+    model (``import mymodels``) and restore then finds the class there.
+    """
+    if not isinstance(path, str) or path.count(":") != 1:
         raise CheckpointError(f"manifest field {field!r} is {path!r}, expected 'module:QualName'")
     module_name, qual = path.split(":", 1)
-    try:
-        obj: Any = importlib.import_module(module_name)
-        for part in qual.split("."):
-            obj = getattr(obj, part)
-    except (ImportError, AttributeError) as e:
-        what = "model" if field.startswith("model") else "optimizer"
+    what = "model" if field.startswith("model") else "optimizer"
+    if not module_name or not qual or "<" in qual:
+        raise CheckpointError(f"manifest field {field!r} is {path!r}, expected 'module:QualName'")
+    if module_name not in sys.modules:
         raise ConfigError(
-            f"{path!r} (manifest field {field!r}) cannot be imported here ({e}); pass {what}= an instance "
-            "built the same way as in training"
-        ) from e
+            f"the checkpoint names {path!r} (manifest field {field!r}), but module {module_name!r} is not "
+            f"imported in this process; restore never imports what a checkpoint names. If you trust it, "
+            f"`import {module_name}` before restore (CLI: --import {module_name}), or pass {what}= an "
+            "instance built as in training"
+        )
+    obj: Any = sys.modules[module_name]
+    for part in qual.split("."):
+        obj = getattr(obj, part, _MISSING)
+        if obj is _MISSING:
+            raise ConfigError(
+                f"the checkpoint names {path!r} (manifest field {field!r}), which module {module_name!r} "
+                f"does not define here; pass {what}= an instance built as in training"
+            )
     return obj
 
 
+_MISSING = object()
+
+
+def trusted_factory(path: str, given: Any = None, *, trust_code: bool = False) -> Any:
+    """The recorded factory, if calling it is the user's choice; else a ConfigError saying how to choose.
+
+    A factory is a plain callable: its type says nothing of what it does (``os.system`` is a callable
+    too). It is called when the user passes the same factory to restore, when its module is imported
+    and its return annotation is an ``nn.Module`` subclass (torchvision's builders are annotated), or
+    with ``trust_code=True`` (Hugging Face's ``trust_remote_code`` convention).
+    """
+    if given is not None:
+        if not callable(given) or object_path(given) != path:
+            shown = object_path(given) if callable(given) else repr(given)
+            raise ConfigError(
+                f"model_factory={shown} was passed to restore, but the checkpoint was built by {path!r}; "
+                "pass that factory, or model= an instance"
+            )
+        return given
+    factory = resolve(path, "model.factory")
+    if not callable(factory):
+        raise CheckpointError(f"manifest field 'model.factory' names {path!r}, not a callable; refused")
+    if trust_code or (isinstance(factory, type) and issubclass(factory, torch.nn.Module)):
+        return factory
+    if _returns_module(factory):
+        return factory
+    raise ConfigError(
+        f"the checkpoint's model_factory {path!r} does not declare that it returns a torch.nn.Module (no "
+        "return annotation), so restore will not call it on the checkpoint's word. Pass "
+        "model_factory= that function to restore, trust_code=True if you trust this checkpoint, or model= "
+        "an instance"
+    )
+
+
+def _returns_module(factory: Any) -> bool:
+    try:
+        hints = typing.get_type_hints(factory)
+    except Exception:
+        return False
+    ret = hints.get("return")
+    return isinstance(ret, type) and issubclass(ret, torch.nn.Module)
+
+
 def rebuild_model(
-    info: Mapping[str, Any], state: Mapping[str, Any], target: torch.device, source: str
+    info: Mapping[str, Any],
+    state: Mapping[str, Any],
+    target: torch.device,
+    source: str,
+    *,
+    factory: Any = None,
+    trust_code: bool = False,
 ) -> torch.nn.Module:
     """Build the recorded class or factory with ``model_args`` and load ``state`` into it on ``target``."""
     factory_name = info.get("factory")
@@ -217,10 +279,10 @@ def rebuild_model(
     if args is not None and not isinstance(args, dict):
         raise CheckpointError(f"{source}: manifest field 'model.args' is {args!r}, expected an object")
     if factory_name is not None:
-        builder: Any = resolve(factory_name, "model.factory")
-        if not callable(builder):
-            raise CheckpointError(f"manifest field 'model.factory' names {factory_name!r}, not a callable")
-        shown = str(factory_name)
+        if not isinstance(factory_name, str):
+            raise CheckpointError(f"manifest field 'model.factory' is {factory_name!r}, expected 'module:fn'")
+        builder: Any = trusted_factory(factory_name, factory, trust_code=trust_code)
+        shown = factory_name
     else:
         builder = resolve(info.get("class"), "model.class")
         if not (isinstance(builder, type) and issubclass(builder, torch.nn.Module)):

@@ -112,6 +112,8 @@ def restore(
     restore_rng: bool = False,
     cache_dir: str | os.PathLike[str] | None = None,
     generators: Mapping[str, torch.Generator] | None = None,
+    model_factory: Any = None,
+    trust_code: bool = False,
 ) -> Restored:
     """Load a checkpoint logged by ``track`` into live objects on ``device``.
 
@@ -128,6 +130,11 @@ def restore(
         cache_dir: the download cache (default ``$MLFLOW_BEST_HOME/cache``); keyed by sha256.
         generators: with ``restore_rng``, named ``torch.Generator`` objects (as passed to
             ``track(generators=...)``, e.g. a DataLoader's) to put the saved states back into.
+        model_factory: the factory the model was built with (``track(model_factory=...)``), to call
+            it even when it has no ``-> nn.Module`` return annotation.
+        trust_code: call the recorded factory on the checkpoint's word (Hugging Face's
+            ``trust_remote_code`` convention); off by default. Nothing is ever imported either way:
+            the module that defines the model must already be imported (``import mymodels``).
 
     Returns:
         A ``Restored`` with ``model``, ``optimizer``, ``scheduler``, ``scaler``, ``epoch``,
@@ -176,7 +183,10 @@ def restore(
         inner.to(target)
         load_model_state(inner, model_state, source=str(folder / MODEL_FILE))
     else:
-        net = inner = _rebuild_model(manifest, model_state, target, source=str(folder / MODEL_FILE))
+        net = inner = rebuild_model(
+            manifest.data["model"], model_state, target, str(folder / MODEL_FILE),
+            factory=model_factory, trust_code=trust_code,
+        )
     opt = optimizer
     saved_opt = training.get("optimizer")
     if opt is None and saved_opt is not None and manifest.data.get("optimizer"):

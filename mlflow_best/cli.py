@@ -61,9 +61,22 @@ class _Group(click.Group):
             _fail(f"MLflow refused the call: {e.message}")
 
 
+def _printable(text: str) -> str:
+    """``text`` with terminal control characters escaped: names and tags come from the store, and a
+    hostile writer could put escape sequences there that rewrite or hide what the terminal shows."""
+    return "".join(
+        c if c in "\n\t" or not (ord(c) < 32 or 0x7F <= ord(c) <= 0x9F) else f"\\x{ord(c):02x}"
+        for c in text
+    )
+
+
+def _echo(text: str, err: bool = False) -> None:
+    click.echo(_printable(text), err=err)
+
+
 def _fail(message: str) -> NoReturn:
     first = message.strip().splitlines()[0] if message.strip() else "failed"
-    click.echo(f"error: {first}", err=True)
+    _echo(f"error: {first}", err=True)
     sys.exit(1)
 
 
@@ -145,7 +158,7 @@ def runs(experiment: str | None, tracking_uri: str | None) -> None:
         ids = list(experiments)
     found = mlflow.search_runs(ids, filter_string=f"tags.`{TAG}monitor` != ''", output_format="list")
     if not found:
-        click.echo("no runs tracked by mlflow_best here; train one with `mlflow-best demo` or track()")
+        _echo("no runs tracked by mlflow_best here; train one with `mlflow-best demo` or track()")
         return
     aliases: dict[tuple[str, str], list[str]] = {}
     key = TAG + "registered_model"
@@ -178,7 +191,7 @@ def runs(experiment: str | None, tracking_uri: str | None) -> None:
                               mr[1]["best"] if mr[0] == "min" else -mr[1]["best"]))
     for _, row in rows:
         row["best"] = "-" if math.isnan(row["best"]) else f"{row['best']:.4f}"
-    click.echo(_table([row for _, row in rows], right={"best", "epoch"}))
+    _echo(_table([row for _, row in rows], right={"best", "epoch"}))
 
 
 def _table(rows: list[dict[str, Any]], right: set[str]) -> str:
@@ -221,17 +234,17 @@ def restore(ref: str, device: str, out: str | None, tracking_uri: str | None) ->
     r = mlflow_best.restore(ref, device=device)
     params = sum(p.numel() for p in r.model.parameters())
     where = f"run {r.run_id}" + (f", version {r.version}" if r.version else "")
-    click.echo(f"restored {type(r.model).__name__} ({params:,} parameters) from epoch {r.epoch} of {where}, "
+    _echo(f"restored {type(r.model).__name__} ({params:,} parameters) from epoch {r.epoch} of {where}, "
                f"onto {device}")
-    click.echo("  metrics     " + "  ".join(f"{k}={v:.4f}" for k, v in r.metrics.items()))
+    _echo("  metrics     " + "  ".join(f"{k}={v:.4f}" for k, v in r.metrics.items()))
     model_info = r.manifest.get("model") or {}
-    click.echo(f"  monitor     {r.manifest.get('monitor')} ({r.manifest.get('mode')})")
-    click.echo(f"  model       {model_info.get('class')}  args={model_info.get('args')}")
-    click.echo(f"  verified    {r.path}")
+    _echo(f"  monitor     {r.manifest.get('monitor')} ({r.manifest.get('mode')})")
+    _echo(f"  model       {model_info.get('class')}  args={model_info.get('args')}")
+    _echo(f"  verified    {r.path}")
     if writer is not None and out is not None:
         state = {k: v.detach().cpu().contiguous().clone() for k, v in r.model.state_dict().items()}
         _write_atomic(Path(out), lambda tmp: writer(state, tmp))
-        click.echo(f"  wrote       {out} ({len(state)} tensors, {Path(out).stat().st_size:,} bytes)")
+        _echo(f"  wrote       {out} ({len(state)} tensors, {Path(out).stat().st_size:,} bytes)")
 
 
 def _out_writer(out: str) -> Any:
@@ -296,7 +309,7 @@ def promote(name: str, version: int | None, best: bool, alias: str, tracking_uri
         raise click.UsageError("pass --version V or --best, not both")
     _use_store(tracking_uri, must_exist=True)
     p = mlflow_best.promote(name, version=version, alias=alias)
-    click.echo(str(p))
+    _echo(str(p))
 
 
 @main.command(short_help="Upload what a run could not send to MLflow.")
@@ -312,7 +325,7 @@ def sync(run_id: str, staging_dir: str | None, tracking_uri: str | None) -> None
 
     n = mlflow_best.sync(run_id, tracking_uri=tracking_uri, staging_dir=staging_dir)
     done = f"nothing to send: MLflow has all of run {run_id}"
-    click.echo(f"sent {n} item(s) of run {run_id}" if n else done)
+    _echo(f"sent {n} item(s) of run {run_id}" if n else done)
 
 
 def _float(raw: str | None) -> float:
