@@ -295,7 +295,7 @@ def max_load_bytes() -> int:
     try:
         value = int(raw)
     except ValueError as e:
-        raise ConfigError(f"{MAX_LOAD_ENV}={raw!r} is not a number of bytes; e.g. 17179869184 (16 GiB)") from e
+        raise ConfigError(f"{MAX_LOAD_ENV}={raw!r} is not a number of bytes, e.g. 17179869184") from e
     return value
 
 
