@@ -772,7 +772,7 @@ def _warn_relogged(run_id: str, start_epoch: int, logged_until: int | None, save
     )
     warnings.warn(
         f"mlflow_best: run {run_id} resumes at epoch {start_epoch} (after its newest checkpoint), but "
-        f"{epochs} already logged; they are trained and logged again, so MLflow keeps two rows of each. "
+        f"{epochs} already logged; they are trained and logged again (MLflow keeps both rows). "
         f"To avoid it, {fix}",
         RuntimeWarning,
         stacklevel=5,

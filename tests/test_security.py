@@ -9,10 +9,13 @@ the error says.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import shutil
 import sys
+import threading
 import uuid
+import zipfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -241,3 +244,205 @@ def test_the_cli_escapes_control_characters_from_the_store(sqlite_uri: str) -> N
     assert "\x1b" not in result.output and "\x07" not in result.output
     assert "evil\\x1b[2J" in result.output
     assert run.run_id[:8] in result.output
+
+
+# -- bounded work before trust -------------------------------------------------------------------------
+def test_model_args_that_would_allocate_gigabytes_are_refused_before_any_allocation(
+    sqlite_uri: str, tmp_path: Path
+) -> None:
+    import resource
+
+    folder = _local_copy(_trained(), tmp_path)
+    # TinyNet(hidden=10**9) would be ~16 GB of float32: refused from the meta-device build.
+    _edit_manifest(folder, lambda m: m["model"].update({"args": {"hidden": 10**9}}))
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with pytest.raises(mlflow_best.CheckpointError, match=r"would need .* bytes.*model.pt holds"):
+        mlflow_best.restore(str(folder))
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 200_000  # KiB: nothing big allocated
+
+
+def test_a_checkpoint_declaring_more_than_the_limit_is_refused_before_it_is_read(
+    sqlite_uri: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    folder = _local_copy(_trained(), tmp_path)
+    monkeypatch.setenv("MLFLOW_BEST_MAX_LOAD_BYTES", "1000")
+    with pytest.raises(
+        mlflow_best.CheckpointError, match=r"declares [\d,]+ bytes, more than the 1,000.*MLFLOW_BEST_MAX"
+    ):
+        mlflow_best.restore(str(folder))
+
+
+def test_a_zip_bomb_model_file_is_refused(sqlite_uri: str, tmp_path: Path) -> None:
+    folder = _local_copy(_trained(), tmp_path)
+    # The same entries, deflated: a small file that inflates on load (here 64 MB of zeros).
+    src = folder / "model.pt"
+    src.chmod(0o644)
+    buf = io.BytesIO()
+    with (
+        zipfile.ZipFile(io.BytesIO(src.read_bytes())) as zin,
+        zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zout,
+    ):
+        for info in zin.infolist():
+            zout.writestr(info.filename, zin.read(info.filename))
+        zout.writestr(info.filename.split("/")[0] + "/padding", b"\0" * (64 << 20))
+    src.write_bytes(buf.getvalue())
+    assert src.stat().st_size < 1 << 20
+    _rehash(folder, "model.pt")
+    with pytest.raises(mlflow_best.CheckpointError, match=r"compressed entries.*inflate"):
+        mlflow_best.restore(str(folder))
+
+
+# -- hash what you load ----------------------------------------------------------------------------------
+def test_weights_swapped_in_after_the_check_are_never_loaded(sqlite_uri: str, tmp_path: Path) -> None:
+    run = _trained()
+    good = mlflow_best.restore(run.run_id).model.state_dict()
+    folder = _local_copy(run, tmp_path)
+    evil = {k: torch.full_like(v, 666.0) for k, v in good.items()}
+    swap = tmp_path / "evil.pt"
+    torch.save(evil, swap)
+    original = (folder / "model.pt").read_bytes()
+    bad = swap.read_bytes()
+    stop = threading.Event()
+
+    def attacker() -> None:  # swaps the file by name, as fast as it can
+        tmp = folder / ".swap"
+        while not stop.is_set():
+            for data in (bad, original):
+                tmp.write_bytes(data)
+                tmp.replace(folder / "model.pt")
+
+    thread = threading.Thread(target=attacker, daemon=True)
+    thread.start()
+    loaded, refused = 0, 0
+    try:
+        for _ in range(150):
+            try:
+                r = mlflow_best.restore(str(folder))
+            except mlflow_best.CheckpointError:
+                refused += 1
+                continue
+            loaded += 1
+            for k, v in r.model.state_dict().items():
+                assert torch.equal(v, good[k]), "swapped-in weights were loaded"
+    finally:
+        stop.set()
+        thread.join()
+    assert loaded > 0 and refused > 0, (loaded, refused)
+
+
+def test_a_changed_cache_entry_is_refetched_not_loaded(sqlite_uri: str, tmp_path: Path) -> None:
+    run = _trained()
+    cache = tmp_path / "cache"
+    first = mlflow_best.restore(run.run_id, cache_dir=cache)
+    good = {k: v.clone() for k, v in first.model.state_dict().items()}
+    entry = first.path
+    assert entry.parent == cache
+    assert (entry.stat().st_mode & 0o777) == 0o700 or (cache.stat().st_mode & 0o777) == 0o700
+    # Rewrite the cached weights (and any sidecar the cache keeps) as an attacker on the machine would.
+    target = entry / "model.pt"
+    target.chmod(0o644)
+    torch.save({k: torch.full_like(v, 666.0) for k, v in good.items()}, target)
+    for sidecar in entry.glob(".*"):
+        sidecar.unlink()
+    again = mlflow_best.restore(run.run_id, cache_dir=cache)
+    for k, v in again.model.state_dict().items():
+        assert torch.equal(v, good[k])
+
+
+# -- identity --------------------------------------------------------------------------------------------
+def test_a_run_whose_best_points_at_another_runs_checkpoint_is_refused(sqlite_uri: str) -> None:
+    honest = _trained(experiment="team")
+    other = _trained(experiment="team")
+    MlflowClient().set_tag(honest.run_id, TAG + "best_model_id", other.best.model_id)
+    with pytest.raises(
+        mlflow_best.CheckpointError, match=rf"belongs to run {other.run_id}.*not {honest.run_id}"
+    ):
+        mlflow_best.restore(honest.run_id)
+
+
+def test_a_version_whose_tags_disagree_with_its_manifest_is_refused(sqlite_uri: str) -> None:
+    name = f"team-{uuid.uuid4().hex[:6]}"
+    run = _trained(registered_model=name)
+    MlflowClient().set_model_version_tag(name, run.best.version, "epoch", "7")  # type: ignore[arg-type]
+    with pytest.raises(mlflow_best.CheckpointError, match=r"epoch.*7.*manifest.*1"):
+        mlflow_best.restore(f"models:/{name}/{run.best.version}")
+
+
+# -- malformed manifests --------------------------------------------------------------------------------
+MALFORMED: dict[str, Callable[[dict[str, Any]], Any]] = {
+    "deep-nesting": lambda m: m.update({"metrics": json.loads("[" * 50 + "]" * 50)}),
+    "huge-int": lambda m: m.update({"epoch": 10**5000}),
+    "args-list": lambda m: m["model"].update({"args": [1, 2]}),
+    "class-int": lambda m: m["model"].update({"class": 3}),
+    "groups-str": lambda m: m["optimizer"].update({"groups": "all"}),
+    "files-entry-neg": lambda m: m["files"]["model.pt"].update({"bytes": -1}),
+    "value-str": lambda m: m.update({"value": "low"}),
+    "factory-dict": lambda m: m["model"].update({"factory": {"a": 1}}),
+}
+
+
+@pytest.mark.parametrize("case", sorted(MALFORMED))
+def test_every_malformed_manifest_is_a_checkpoint_error_naming_the_field(
+    sqlite_uri: str, tmp_path: Path, case: str
+) -> None:
+    folder = _local_copy(_trained(), tmp_path)
+    path = folder / "manifest.json"
+    path.chmod(0o644)
+    data = json.loads(path.read_text())
+    MALFORMED[case](data)
+    sys.set_int_max_str_digits(0)
+    try:
+        text = json.dumps(data)
+    finally:
+        sys.set_int_max_str_digits(4300)
+    if case == "deep-nesting":
+        text = text.replace('"metrics": []', '"metrics": ' + "[" * 100000 + "]" * 100000)
+    path.write_text(text)
+    with pytest.raises(mlflow_best.CheckpointError, match=r"manifest.json"):
+        mlflow_best.restore(str(folder))
+
+
+# -- signing --------------------------------------------------------------------------------------------
+@pytest.fixture
+def signing_key(monkeypatch: pytest.MonkeyPatch) -> str:
+    key = "team-secret-" + uuid.uuid4().hex
+    monkeypatch.setenv("MLFLOW_BEST_SIGNING_KEY", key)
+    return key
+
+
+def test_signed_checkpoints_round_trip_and_a_tampered_one_is_refused(
+    store: str, tmp_path: Path, signing_key: str
+) -> None:
+    run = _trained(experiment=f"signed-{uuid.uuid4().hex[:6]}")
+    r = mlflow_best.restore(run.run_id, cache_dir=tmp_path / "c1")
+    assert (r.path / "manifest.sig").is_file()
+    folder = _local_copy(run, tmp_path)
+    _edit_manifest(folder, lambda m: m.update({"value": 0.0001}))  # a better-looking checkpoint
+    with pytest.raises(mlflow_best.CheckpointError, match=r"manifest.sig: the signature does not match"):
+        mlflow_best.restore(str(folder))
+
+
+def test_with_a_key_unsigned_checkpoints_are_refused(
+    sqlite_uri: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    run = _trained()  # no key: unsigned
+    monkeypatch.setenv("MLFLOW_BEST_SIGNING_KEY", "k-" + uuid.uuid4().hex)
+    with pytest.raises(mlflow_best.CheckpointError, match=r"manifest.sig is missing.*unsigned"):
+        mlflow_best.restore(run.run_id, cache_dir=tmp_path / "c")
+
+
+def test_the_alias_never_moves_to_an_unsigned_or_forged_version(sqlite_uri: str, signing_key: str) -> None:
+    client = MlflowClient()
+    name = f"signed-{uuid.uuid4().hex[:6]}"
+    honest = _trained(registered_model=name)
+    assert client.get_model_version_by_alias(name, "best").version == honest.best.version
+    # A forged version with a better metric tag (and a copied, now wrong, signature).
+    src = client.get_model_version(name, honest.best.version)  # type: ignore[arg-type]
+    forged_tags = dict(src.tags)
+    forged_tags["value"] = "0.0001"
+    forged = client.create_model_version(name, src.source, run_id=honest.run_id, tags=forged_tags)
+    # The next honest improvement recomputes the alias: it must skip the forgery.
+    later = _trained(registered_model=name)
+    holder = client.get_model_version_by_alias(name, "best").version
+    assert holder != forged.version
+    assert holder in (honest.best.version, later.best.version)
