@@ -10,7 +10,7 @@ import tempfile
 import time
 import uuid
 import warnings
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -28,6 +28,7 @@ from mlflow_best import _errors
 from mlflow_best._config import TrackConfig, home
 from mlflow_best._errors import ConfigError, MetricError, MlflowBestError, TrackingStoreError, UnsentError
 from mlflow_best._plot import EpochPoint, plot_filename, render_metric_plot
+from mlflow_best._pyfunc import ModelFiles
 from mlflow_best._registry import TAG, Publisher, checkpoint_name, ensure_registered_model, is_missing
 from mlflow_best._state import SnapshotPool, capture_rng, class_path, to_plain, unwrap_model
 from mlflow_best._version import __version__
@@ -82,6 +83,8 @@ class Run:
         scheduler: Any = None,
         scaler: Any = None,
         generators: Mapping[str, torch.Generator] | None = None,
+        input_example: Any = None,
+        code_paths: Sequence[str | os.PathLike[str]] | None = None,
     ) -> None:
         if not isinstance(model, torch.nn.Module):
             raise ConfigError(f"model={type(model).__name__} must be a torch.nn.Module")
@@ -92,6 +95,9 @@ class Run:
                 raise ConfigError(f"{name}={type(obj).__name__} has no state_dict/load_state_dict; pass None")
         if generators is not None and not all(isinstance(g, torch.Generator) for g in generators.values()):
             raise ConfigError("generators= must map names to torch.Generator objects, e.g. {'loader': g}")
+        # Once, here: the signature costs a forward pass, and a bad example or path fails before any
+        # run exists. Every checkpoint's MLmodel is rendered from this by the disk thread.
+        self._model_files = ModelFiles.for_run(unwrap_model(model), input_example, code_paths)
         self.model = model
         self.optimizer = optimizer
         self.scheduler = scheduler
@@ -186,7 +192,7 @@ class Run:
             on_registered=self._on_registered,
             keep=cfg.keep,
         )
-        self._pipeline = Pipeline(journal, publisher)
+        self._pipeline = Pipeline(journal, publisher, extra_files=self._model_files)
         if cfg.resume is not None:
             try:
                 self._load_latest(client)
