@@ -140,6 +140,9 @@ class ModelFiles:
             code=CODE_DIR if self.code else None,
             conda_env=CONDA_ENV,
             python_env=PYTHON_ENV,
+            # MLflow passes on only the model_config keys a flavor declares: declared, unset, so
+            # load_model(..., model_config={"device": ...}) reaches _load_pyfunc.
+            model_config={"device": None},
         )
         model = meta.get("model") or {}
         mlmodel.add_flavor(
