@@ -70,6 +70,8 @@ def test_every_version_loads_with_pyfunc_by_each_reference_and_predicts_its_epoc
         for ref in refs:
             model = mlflow.pyfunc.load_model(ref)
             np.testing.assert_array_equal(model.predict(X), expected, err_msg=ref)
+            # float64 input (what JSON gives without a signature) runs at the weights' float32
+            np.testing.assert_array_equal(model.predict(X.astype(np.float64)), expected, err_msg=ref)
             frame = pd.DataFrame(X.astype(np.float64))
             np.testing.assert_array_equal(model.predict(frame), expected, err_msg=ref)
             assert model.get_raw_model().training is False
@@ -282,13 +284,20 @@ def test_a_bad_input_example_or_code_path_is_refused_before_any_run(
     assert MlflowClient(sqlite_uri).get_experiment_by_name("never") is None
 
 
+class _Noisy(torch.nn.Module):
+    """Draws from the global RNG in every forward, as some augmentations and noise layers do."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + 0 * torch.rand_like(x)
+
+
 def test_the_signature_forward_leaves_modes_and_random_state_as_they_were(sqlite_uri: str) -> None:
-    net = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Dropout(0.5), torch.nn.Linear(4, 2))
-    net[2].eval()  # a mix of modes, as a partly frozen model has
+    net = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Dropout(0.5), _Noisy(), torch.nn.Linear(4, 2))
+    net[3].eval()  # a mix of modes, as a partly frozen model has
     before = torch.get_rng_state()
     mlflow_best.track(net, None, input_example=X)
     assert torch.equal(torch.get_rng_state(), before)
-    assert [m.training for m in net.modules()] == [True, True, True, False]
+    assert [m.training for m in net.modules()] == [True, True, True, True, False]
 
 
 # -- mlflow models serve ------------------------------------------------------------------------------
