@@ -100,7 +100,7 @@ def run_demo(epochs: int = 15, lr: float = 0.01, hidden: int = 64, experiment: s
     # the demo adds how to get the model back, and proves it by doing so.
     print(f"  restore it    mlflow-best restore models:/{registered_model}@best --out best.pt")
     print(f"                mlflow_best.restore(\"models:/{registered_model}@best\", device=\"cuda\")")
-    print(f"  serve it      mlflow models serve -m models:/{registered_model}@best --env-manager local -p 5001")
+    print(f"  serve it      mlflow models serve -m models:/{registered_model}@best --env-manager local")
     r = mlflow_best.restore(run.run_id)
     _, acc = evaluate(r.model, data.x_test, data.y_test)
     took = time.perf_counter() - start
