@@ -3,7 +3,14 @@
     <name>/
       model.pt            the model's state_dict (torch.save; loads with weights_only=True)
       training_state.pt   optimizer, scheduler, GradScaler, RNG states, epoch, metrics
+      MLmodel, requirements.txt, python_env.yaml, conda.yaml
+                          what makes the folder an MLflow model (written by ``_pyfunc``)
+      code/...            ``track(code_paths=...)``, shipped for serving
       manifest.json       format version, sha256 + size of every file, classes, model_args, versions
+
+The manifest lists the flat files under ``files`` and the files below ``code/`` under ``code``
+(optional: checkpoints written before models were MLflow models have neither the MLflow files nor
+``code``, and still read).
 
 A folder is written under a temporary name (every file fsynced), then renamed into place and the
 parent fsynced: a reader never sees a half-written checkpoint under its final name.
@@ -19,8 +26,9 @@ import pickle
 import shutil
 import uuid
 import zipfile
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import torch
@@ -32,7 +40,11 @@ FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 MODEL_FILE = "model.pt"
 TRAINING_FILE = "training_state.pt"
+CODE_DIR = "code"
 _CHUNK = 8 << 20
+# Files that make a checkpoint folder more than state dicts (an MLflow model, shipped code):
+# relative path -> content, rendered by the disk thread from the checkpoint's manifest fields.
+ExtraFiles = Callable[[Mapping[str, Any]], Mapping[str, bytes]]
 
 
 class _HashingWriter:
@@ -71,10 +83,27 @@ def _save_file(obj: Any, path: Path) -> dict[str, Any]:
     return {"sha256": writer.sha256.hexdigest(), "bytes": writer.size}
 
 
+def _write_bytes(data: bytes, path: Path) -> dict[str, Any]:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    return {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
+
+
 def write_checkpoint(
-    parent: Path, name: str, model_state: Any, training_state: Any, meta: dict[str, Any]
+    parent: Path,
+    name: str,
+    model_state: Any,
+    training_state: Any,
+    meta: dict[str, Any],
+    extra: ExtraFiles | None = None,
 ) -> Path:
     """Write a checkpoint folder ``parent/name`` atomically and return its path.
+
+    ``extra(meta)`` gives more files (relative path -> bytes) written and listed in the manifest with
+    the state dicts: the MLflow model files and shipped code.
 
     An existing folder of that name is replaced (used for the rolling "last" checkpoint): the old one
     is moved aside first, so at every instant one complete folder exists under ``name`` or ``name.old``.
@@ -87,11 +116,18 @@ def write_checkpoint(
             MODEL_FILE: _save_file(model_state, tmp / MODEL_FILE),
             TRAINING_FILE: _save_file(training_state, tmp / TRAINING_FILE),
         }
+        code: dict[str, dict[str, Any]] = {}
+        for rel, data in (extra(meta) if extra is not None else {}).items():
+            (code if "/" in rel else files)[rel] = _write_bytes(data, tmp / rel)
         manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, **meta, "files": files}
+        if code:
+            manifest["code"] = code
         with open(tmp / MANIFEST, "w", encoding="utf-8") as f:
             json.dump(manifest, f, indent=2, sort_keys=True)
             f.flush()
             os.fsync(f.fileno())
+        for sub in {(tmp / rel).parent for rel in code}:
+            _fsync_dir(sub)
         _fsync_dir(tmp)
         final = parent / name
         old = parent / f"{name}.old"
@@ -135,6 +171,11 @@ class Manifest:
     def files(self) -> dict[str, dict[str, Any]]:
         files: dict[str, dict[str, Any]] = self.data["files"]
         return files
+
+    @property
+    def all_files(self) -> dict[str, dict[str, Any]]:
+        """Every listed file, by path relative to the folder: ``files`` and the shipped ``code``."""
+        return {**self.files, **self.data.get("code", {})}
 
 
 _REQUIRED: dict[str, type | tuple[type, ...]] = {
@@ -192,14 +233,18 @@ def read_manifest(folder: Path) -> Manifest:
                 f"{path}: field 'files' lists {fname!r}, expected a plain file name inside the checkpoint "
                 "folder; refused"
             )
-        if (
-            not isinstance(entry, dict)
-            or not isinstance(entry.get("sha256"), str)
-            or not _is_int(entry.get("bytes"))
-        ):
+        _check_entry(path, "files", fname, entry)
+    code = data.get("code", {})
+    if not isinstance(code, dict):
+        raise CheckpointError(f"{path}: field 'code' is {code!r}, expected an object of path -> entry")
+    for rel, entry in code.items():
+        parts = PurePosixPath(rel).parts if isinstance(rel, str) else ()
+        if len(parts) < 2 or parts[0] != CODE_DIR or any(p in ("", ".", "..") for p in parts) or "\\" in rel:
             raise CheckpointError(
-                f"{path}: field 'files.{fname}' is {entry!r}, expected {{'sha256': str, 'bytes': int}}"
+                f"{path}: field 'code' lists {rel!r}, expected a relative path below {CODE_DIR}/ inside the "
+                "checkpoint folder; refused"
             )
+        _check_entry(path, "code", rel, entry)
     for name, value in data["metrics"].items():
         if not _is_number(value):
             raise CheckpointError(
@@ -225,6 +270,13 @@ def read_manifest(folder: Path) -> Manifest:
     return Manifest(folder, data)
 
 
+def _check_entry(path: Path, field: str, name: str, entry: Any) -> None:
+    if not (isinstance(entry, dict) and isinstance(entry.get("sha256"), str) and _is_int(entry.get("bytes"))):
+        raise CheckpointError(
+            f"{path}: field '{field}.{name}' is {entry!r}, expected {{'sha256': str, 'bytes': int}}"
+        )
+
+
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
@@ -233,10 +285,18 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-def verify_checkpoint(folder: Path, *, check_hashes: bool = True) -> Manifest:
-    """Check that every file the manifest lists is there, of the right size and sha256."""
+def verify_checkpoint(
+    folder: Path, *, check_hashes: bool = True, only: Iterable[str] | None = None
+) -> Manifest:
+    """Check that every file the manifest lists is there, of the right size and sha256.
+
+    ``only``: check just these of the listed files (a reader that needs only the weights does not
+    hash, or even need, the training state).
+    """
     manifest = read_manifest(folder)
-    for fname, entry in manifest.files.items():
+    listed = manifest.all_files
+    wanted = listed if only is None else {n: listed[n] for n in only if n in listed}
+    for fname, entry in wanted.items():
         fpath = folder / fname
         if not fpath.is_file():
             raise CheckpointError(f"{fpath} is missing; the checkpoint is incomplete")

@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from mlflow_best._checkpoint import write_checkpoint
+from mlflow_best._checkpoint import ExtraFiles, write_checkpoint
 from mlflow_best._errors import CheckpointError
 from mlflow_best._state import Snapshot
 
@@ -263,9 +263,11 @@ class Pipeline:
         journal: Journal,
         publish: Callable[[Op], None],
         on_warning: Callable[[str], None] | None = None,
+        extra_files: ExtraFiles | None = None,
     ) -> None:
         self.journal = journal
         self._publish = publish
+        self._extra_files = extra_files
         self._warn = on_warning or (lambda msg: warnings.warn(msg, RuntimeWarning, stacklevel=2))
         self._disk_q: queue.Queue[Any] = queue.Queue()
         self._up_q: queue.Queue[Any] = queue.Queue()
@@ -305,7 +307,9 @@ class Pipeline:
             try:
                 job.snapshot.ready()
                 snap = job.snapshot
-                path = write_checkpoint(job.parent, job.name, snap.model, snap.training, job.meta)
+                path = write_checkpoint(
+                    job.parent, job.name, snap.model, snap.training, job.meta, extra=self._extra_files
+                )
                 job.done.set_result(path)
             except BaseException as e:  # surfaced by the upload thread as a warning, never swallowed
                 job.done.set_exception(e)

@@ -215,7 +215,7 @@ def _table(rows: list[dict[str, Any]], right: set[str]) -> str:
                    "FILE.safetensors (needs `pip install safetensors`).")
 @click.option("--tracking-uri", default=None, help=_URI_HELP)
 def restore(ref: str, device: str, out: str | None, tracking_uri: str | None) -> None:
-    """Restore the checkpoint REF, verify it, load it onto --device, and report what it is.
+    """Load the model of checkpoint REF (weights only, verified) onto --device, and report what it is.
 
     \b
     REF is one of:
@@ -225,22 +225,24 @@ def restore(ref: str, device: str, out: str | None, tracking_uri: str | None) ->
       a local checkpoint folder  as written by track()
 
     The model is rebuilt from the class and model_args recorded at training time, so that class
-    must be importable here.
+    must be importable here. Only the weights are downloaded and read (as mlflow_best.load_model):
+    the optimizer and training state are left alone, so this works where they cannot be rebuilt.
     """
-    import mlflow_best
+    from mlflow_best._pyfunc import load_for_inference
 
     writer = _out_writer(out) if out else None
     _use_store(tracking_uri, must_exist=not Path(ref).is_dir())
-    r = mlflow_best.restore(ref, device=device)
+    r = load_for_inference(ref, device=device)
+    manifest = r.manifest.data
     params = sum(p.numel() for p in r.model.parameters())
     where = f"run {r.run_id}" + (f", version {r.version}" if r.version else "")
-    _echo(f"restored {type(r.model).__name__} ({params:,} parameters) from epoch {r.epoch} of {where}, "
-               f"onto {device}")
-    _echo("  metrics     " + "  ".join(f"{k}={v:.4f}" for k, v in r.metrics.items()))
-    model_info = r.manifest.get("model") or {}
-    _echo(f"  monitor     {r.manifest.get('monitor')} ({r.manifest.get('mode')})")
+    _echo(f"restored {type(r.model).__name__} ({params:,} parameters) from epoch {r.manifest.epoch} of "
+               f"{where}, onto {device}")
+    _echo("  metrics     " + "  ".join(f"{k}={float(v):.4f}" for k, v in manifest["metrics"].items()))
+    model_info = manifest.get("model") or {}
+    _echo(f"  monitor     {manifest.get('monitor')} ({manifest.get('mode')})")
     _echo(f"  model       {model_info.get('class')}  args={model_info.get('args')}")
-    _echo(f"  verified    {r.path}")
+    _echo(f"  verified    {r.folder}")
     if writer is not None and out is not None:
         state = {k: v.detach().cpu().contiguous().clone() for k, v in r.model.state_dict().items()}
         _write_atomic(Path(out), lambda tmp: writer(state, tmp))

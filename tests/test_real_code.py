@@ -21,6 +21,14 @@ from tests.helpers import TinyNet, train_step, unique
 TAG = "mlflow_best."
 
 
+@pytest.fixture(autouse=True)
+def _fresh_warnings() -> None:
+    """track warns once per process and class; each test here starts as a new process would."""
+    from mlflow_best import _recipe
+
+    _recipe._WARNED.clear()
+
+
 def _runs(client: MlflowClient) -> list[Any]:
     exps = [e.experiment_id for e in client.search_experiments()]
     return client.search_runs(exps)
