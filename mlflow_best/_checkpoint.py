@@ -33,6 +33,7 @@ from typing import Any
 
 import torch
 
+from mlflow_best import _signing as signing
 from mlflow_best._errors import CheckpointError, ConfigError, UnsafeCheckpointError
 
 FORMAT = "mlflow_best.checkpoint"
@@ -122,10 +123,11 @@ def write_checkpoint(
         manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, **meta, "files": files}
         if code:
             manifest["code"] = code
-        with open(tmp / MANIFEST, "w", encoding="utf-8") as f:
-            json.dump(manifest, f, indent=2, sort_keys=True)
-            f.flush()
-            os.fsync(f.fileno())
+        manifest_bytes = json.dumps(manifest, indent=2, sort_keys=True).encode("utf-8")
+        _write_bytes(manifest_bytes, tmp / MANIFEST)
+        secret = signing.key()
+        if secret is not None:
+            _write_bytes(signing.sign_manifest(secret, manifest_bytes), tmp / signing.SIGNATURE_FILE)
         for sub in {(tmp / rel).parent for rel in code}:
             _fsync_dir(sub)
         _fsync_dir(tmp)
@@ -162,6 +164,7 @@ class Manifest:
 
     path: Path
     data: dict[str, Any]
+    sha256: str = ""
 
     @property
     def epoch(self) -> int:
@@ -188,18 +191,46 @@ _REQUIRED: dict[str, type | tuple[type, ...]] = {
 }
 
 
+_MAX_MANIFEST = 16 << 20
+
+
 def read_manifest(folder: Path) -> Manifest:
     """Parse and type-check ``folder/manifest.json``; raise a CheckpointError naming file and field."""
+    return parse_manifest(folder, _manifest_bytes(folder))
+
+
+def _manifest_bytes(folder: Path) -> bytes:
     path = folder / MANIFEST
     if not path.is_file():
         raise CheckpointError(
             f"{path} is missing: {folder} is not an mlflow_best checkpoint (a checkpoint from another "
             "library, or an incomplete download); restore a reference that mlflow_best.track logged"
         )
+    with open(path, "rb") as f:
+        data = f.read(_MAX_MANIFEST + 1)
+    if len(data) > _MAX_MANIFEST:
+        raise CheckpointError(f"{path} is over {_MAX_MANIFEST:,} bytes; not a manifest mlflow_best wrote")
+    return data
+
+
+def parse_manifest(folder: Path, raw: bytes) -> Manifest:
+    """Parse and type-check a manifest's bytes; any malformation is a CheckpointError naming the field."""
+    path = folder / MANIFEST
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{path} is not valid JSON ({e}); the checkpoint is damaged") from e
+        return _parse_manifest(folder, path, raw)
+    except CheckpointError:
+        raise
+    except (RecursionError, MemoryError) as e:
+        raise CheckpointError(f"{path} is nested too deeply ({type(e).__name__}); refused") from e
+    except Exception as e:  # a field of an unexpected type deep inside: never an undocumented error
+        raise CheckpointError(f"{path} is malformed ({type(e).__name__}: {str(e)[:200]}); refused") from e
+
+
+def _parse_manifest(folder: Path, path: Path, raw: bytes) -> Manifest:
+    try:
+        data = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as e:
+        raise CheckpointError(f"{path} is not valid JSON ({str(e)[:200]}); the checkpoint is damaged") from e
     if not isinstance(data, dict):
         raise CheckpointError(f"{path} holds a {type(data).__name__}, expected a JSON object")
     if data.get("format") != FORMAT:
@@ -267,7 +298,65 @@ def read_manifest(folder: Path) -> Manifest:
             f"{path}: field 'optimizer' is {optimizer!r}, "
             "expected null or {'class': 'module:ClassName', ...}"
         )
-    return Manifest(folder, data)
+    _check_optional(path, data)
+    return Manifest(folder, data, hashlib.sha256(raw).hexdigest())
+
+
+def _check_optional(path: Path, data: dict[str, Any]) -> None:
+    """Fields restore reads beyond the required ones: each of the type it is read as, or absent."""
+    checks: list[tuple[str, Any, tuple[type, ...]]] = [
+        ("value", data.get("value"), (int, float, type(None))),
+        ("monitor", data.get("monitor"), (str, type(None))),
+        ("mode", data.get("mode"), (str, type(None))),
+        ("run_id", data.get("run_id"), (str, type(None))),
+        ("kind", data.get("kind"), (str, type(None))),
+        ("model.factory", data["model"].get("factory"), (str, type(None))),
+        ("model.memory_format", data["model"].get("memory_format"), (str, type(None))),
+        ("scheduler", data.get("scheduler"), (dict, type(None))),
+    ]
+    optimizer = data.get("optimizer")
+    if isinstance(optimizer, dict):
+        checks.append(("optimizer.defaults", optimizer.get("defaults"), (dict, type(None))))
+        groups = optimizer.get("groups")
+        checks.append(("optimizer.groups", groups, (list, type(None))))
+        for i, group in enumerate(groups if isinstance(groups, list) else []):
+            names = group.get("params") if isinstance(group, dict) else None
+            if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+                raise CheckpointError(
+                    f"{path}: field 'optimizer.groups[{i}]' is {str(group)[:80]!r}, expected an object whose "
+                    "'params' is a list of parameter names"
+                )
+    for field, value, kinds in checks:
+        if not isinstance(value, kinds) or isinstance(value, bool):
+            got = f"{str(value)[:80]!r} ({type(value).__name__})"
+            raise CheckpointError(f"{path}: field {field!r} is {got}; refused")
+    if data.get("mode") not in (None, "min", "max"):
+        raise CheckpointError(f"{path}: field 'mode' is {data['mode']!r}, expected 'min' or 'max'")
+    if data["epoch"] > 10**9:
+        raise CheckpointError(f"{path}: field 'epoch' is {data['epoch']}, not a plausible epoch; refused")
+    for field in ("files", "code"):
+        for name, entry in (data.get(field) or {}).items():
+            if entry["bytes"] < 0 or len(entry["sha256"]) != 64:
+                raise CheckpointError(f"{path}: field '{field}.{name}' is {entry!r}; refused")
+
+
+def open_checkpoint(folder: Path, expected_sha256: str | None = None) -> Manifest:
+    """The manifest of ``folder``, read once: its bytes must hash to ``expected_sha256`` (what MLflow
+    recorded) when given, and carry a valid signature when ``MLFLOW_BEST_SIGNING_KEY`` is set."""
+    raw = _manifest_bytes(folder)
+    actual = hashlib.sha256(raw).hexdigest()
+    if expected_sha256 is not None and actual != expected_sha256:
+        raise CheckpointError(
+            f"{folder / MANIFEST} has sha256 {actual[:12]}…, but MLflow recorded {expected_sha256[:12]}… for "
+            "this checkpoint: the stored manifest was changed; it was not loaded"
+        )
+    manifest = parse_manifest(folder, raw)
+    secret = signing.key()
+    if secret is not None:
+        sig_path = folder / signing.SIGNATURE_FILE
+        signature = sig_path.read_bytes()[:4096] if sig_path.is_file() else None
+        signing.check_manifest(secret, folder, raw, signature)
+    return manifest
 
 
 def _check_entry(path: Path, field: str, name: str, entry: Any) -> None:
@@ -404,7 +493,7 @@ def check_torch_zip(data: bytes, path: Path) -> None:
         with zipfile.ZipFile(io.BytesIO(data)) as z:
             infos = z.infolist()
     except zipfile.BadZipFile as e:
-        raise CheckpointError(f"{path} is not a torch zip file ({e}); the file is damaged") from e
+        raise CheckpointError(f"{path} cannot be read as a torch file ({e}); the file is damaged") from e
     compressed = [i.filename for i in infos if i.compress_type != zipfile.ZIP_STORED]
     if compressed:
         raise CheckpointError(
@@ -418,8 +507,13 @@ def check_torch_zip(data: bytes, path: Path) -> None:
         )
 
 
-def load_verified(path: Path, entry: dict[str, Any], map_location: Any) -> Any:
-    """Read, verify and load one file of a checkpoint, from the verified bytes only."""
+def read_torch_file(path: Path, entry: dict[str, Any]) -> bytes:
+    """The verified bytes of one torch file of a checkpoint, refused if crafted to inflate."""
     data = read_verified(path, entry)
     check_torch_zip(data, path)
-    return load_file(path, map_location, data=data)
+    return data
+
+
+def load_verified(path: Path, entry: dict[str, Any], map_location: Any) -> Any:
+    """Read, verify and load one file of a checkpoint, from the verified bytes only."""
+    return load_file(path, map_location, data=read_torch_file(path, entry))

@@ -22,7 +22,7 @@ Python callers, with ``restore``'s references and download cache.
 
 from __future__ import annotations
 
-import json
+import contextlib
 import os
 import shutil
 import uuid
@@ -45,23 +45,29 @@ from mlflow_best._checkpoint import (
     MODEL_FILE,
     TRAINING_FILE,
     Manifest,
-    file_sha256,
     load_file,
+    open_checkpoint,
     read_manifest,
+    read_torch_file,
     verify_checkpoint,
 )
 from mlflow_best._config import home
 from mlflow_best._errors import CheckpointError, ConfigError, TrackingStoreError
+from mlflow_best._recipe import plan_model
 from mlflow_best._restore import (
-    _VERIFIED,
-    _cache_hit,
+    _check_sizes,
     _device,
+    _evict,
     _publish_to_cache,
-    _rebuild_model,
     _resolve,
     _Source,
     _sweep_leftovers,
+    cache_hit,
+    check_identity,
+    private_dir,
+    seal,
 )
+from mlflow_best._signing import SIGNATURE_FILE
 from mlflow_best._version import __version__
 
 LOADER_MODULE = "mlflow_best._pyfunc"
@@ -312,14 +318,54 @@ def prediction_device(model_config: Mapping[str, Any] | None = None) -> torch.de
     return _device(device)
 
 
-def load_weights(folder: Path, device: torch.device) -> torch.nn.Module:
-    """The model of a verified checkpoint folder, rebuilt from its manifest, on ``device``, in eval mode."""
-    manifest = read_manifest(folder)
-    state = load_file(folder / MODEL_FILE, device)
+def load_weights(
+    folder: Path,
+    device: torch.device,
+    source: _Source | None = None,
+    *,
+    serving: bool = False,
+) -> tuple[Manifest, torch.nn.Module]:
+    """The model of a checkpoint folder, rebuilt from its manifest, on ``device``, in eval mode.
+
+    The manifest is read once (against what MLflow recorded, and its signature when a key is set),
+    the recipe is built on the meta device and checked against the weights file's size, and the
+    weights are loaded from the bytes that were hashed.
+
+    ``serving``: loaded by MLflow's pyfunc, whose trust model is the artifact's: the module that
+    defines the model (shipped with ``code_paths`` or installed) is imported, as MLflow's own
+    flavors do. ``load_model`` and ``restore`` never import anything.
+    """
+    manifest = open_checkpoint(folder, source.sha256 if source is not None else None)
+    if source is not None:
+        check_identity(manifest, source)
+    info = manifest.data["model"]
+    if serving:
+        _import_recorded(info)
+    entry = manifest.files[MODEL_FILE]
+    data = read_torch_file(folder / MODEL_FILE, entry)
+    plan = plan_model(info, trust_code=serving)
+    plan.check_size(str(folder / MODEL_FILE), int(entry["bytes"]), info.get("parameters"))
+    state = load_file(folder / MODEL_FILE, device, data=data)
     if not isinstance(state, Mapping):
         raise CheckpointError(f"{folder / MODEL_FILE} does not hold a state_dict; the checkpoint is damaged")
-    model = _rebuild_model(manifest, state, device, source=str(folder / MODEL_FILE))
-    return model.eval()
+    return manifest, plan.build(state, device, str(folder / MODEL_FILE)).eval()
+
+
+def _import_recorded(info: Mapping[str, Any]) -> None:
+    import importlib
+
+    for field_name in ("factory", "class"):
+        path = info.get(field_name)
+        if isinstance(path, str) and ":" in path:
+            module = path.split(":", 1)[0]
+            try:
+                importlib.import_module(module)
+            except ImportError as e:
+                raise ConfigError(
+                    f"the model's module {module!r} (manifest field 'model.{field_name}') cannot be imported "
+                    f"where it is served ({e}); ship it with track(code_paths=[...]) or install it"
+                ) from e
+            return
 
 
 class PyfuncModel:
@@ -345,8 +391,8 @@ def _load_pyfunc(data_path: str, model_config: Mapping[str, Any] | None = None) 
     manifest = read_manifest(folder)
     # Everything but the training state, which inference never reads: the weights, MLflow's files
     # and the shipped code (before the model class is imported from it).
-    verify_checkpoint(folder, only=[n for n in manifest.all_files if n != TRAINING_FILE])
-    return PyfuncModel(load_weights(folder, device), device)
+    verify_checkpoint(folder, only=[n for n in manifest.all_files if n not in (TRAINING_FILE, MODEL_FILE)])
+    return PyfuncModel(load_weights(folder, device, serving=True)[1], device)
 
 
 def load_model(
@@ -406,36 +452,40 @@ def load_for_inference(
 ) -> Loaded:
     """``load_model`` with the manifest and the reference's run and version."""
     target = _device(device)
-    run_id = version = None
     if isinstance(ref, os.PathLike) or (isinstance(ref, str) and Path(ref).is_dir()):
         folder = Path(ref)
-        verify_checkpoint(folder, only=[MODEL_FILE])
-    else:
-        client = MlflowClient(tracking_uri=tracking_uri or mlflow.get_tracking_uri())
-        source = _resolve(client, ref)
-        folder = _fetch_weights(client, source, Path(cache_dir) if cache_dir else home() / "cache")
-        run_id, version = source.run_id, source.version
-    manifest = read_manifest(folder)
-    model = load_weights(folder, target)
-    return Loaded(model, manifest, folder, run_id or manifest.data.get("run_id"), version)
+        manifest, model = load_weights(folder, target)
+        return Loaded(model, manifest, folder, manifest.data.get("run_id"), None)
+    client = MlflowClient(tracking_uri=tracking_uri or mlflow.get_tracking_uri())
+    source = _resolve(client, ref)
+    cache = Path(cache_dir) if cache_dir else home() / "cache"
+    folder = _fetch_weights(client, source, cache)
+    try:
+        manifest, model = load_weights(folder, target, source)
+    except CheckpointError:
+        if folder.parent not in (cache, cache / "weights"):
+            raise
+        _evict(folder, folder.parent)  # changed on this machine since it was cached: download again
+        folder = _fetch_weights(client, source, cache)
+        manifest, model = load_weights(folder, target, source)
+    return Loaded(model, manifest, folder, source.run_id or manifest.data.get("run_id"), source.version)
 
 
 def _fetch_weights(client: MlflowClient, source: _Source, cache: Path) -> Path:
-    """A verified local copy of the manifest and weights of ``source``: from the cache, else downloaded.
+    """A local copy of the manifest and weights of ``source``: from the cache, else downloaded.
 
     A full copy that ``restore`` cached serves too; otherwise the two files go to ``cache/weights``.
+    The loader hashes what it reads; this only saves downloads.
     """
     if source.sha256 is None and os.path.isdir(source.artifact_uri):
-        folder = Path(source.artifact_uri)  # a local staged copy with no recorded hash
-        verify_checkpoint(folder, only=[MODEL_FILE])
-        return folder
+        return Path(source.artifact_uri)  # a local staged copy with no recorded hash
     weights = cache / "weights"
     if source.sha256:
         for cached in (cache / source.sha256, weights / source.sha256):
-            if _cache_hit(cached):
+            if cache_hit(cached, [MODEL_FILE]):
                 return cached
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    weights.mkdir(parents=True, exist_ok=True)
+    private_dir(weights)
     _sweep_leftovers(weights)
     tmp = weights / f".download-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
@@ -447,18 +497,20 @@ def _fetch_weights(client: MlflowClient, source: _Source, cache: Path) -> Path:
             # A version whose source is the LoggedModel's folder rather than its artifacts.
             stored += "/artifacts"
             _download(client, stored, MANIFEST, tmp)
-        actual = file_sha256(tmp / MANIFEST)
-        if source.sha256 and actual != source.sha256:
+        manifest = read_manifest(tmp)
+        check_identity(manifest, source)
+        if source.sha256 and manifest.sha256 != source.sha256:
             raise CheckpointError(
-                f"{stored}/{MANIFEST} has sha256 {actual[:12]}…, but MLflow recorded {source.sha256[:12]}… "
-                "for this checkpoint: the stored manifest was changed; it was not loaded"
+                f"{stored}/{MANIFEST} has sha256 {manifest.sha256[:12]}…, but MLflow recorded "
+                f"{source.sha256[:12]}… for this checkpoint: the stored manifest was changed; "
+                "it was not loaded"
             )
-        read_manifest(tmp)
         _download(client, stored, MODEL_FILE, tmp)
-        verify_checkpoint(tmp, only=[MODEL_FILE])
-        stamp = {n: [(tmp / n).stat().st_size, (tmp / n).stat().st_mtime_ns] for n in (MANIFEST, MODEL_FILE)}
-        (tmp / _VERIFIED).write_text(json.dumps(stamp), encoding="utf-8")
-        return _publish_to_cache(tmp, weights / actual, weights)
+        with contextlib.suppress(MlflowException, OSError, CheckpointError):
+            _download(client, stored, SIGNATURE_FILE, tmp)
+        _check_sizes(tmp, manifest, [MODEL_FILE])
+        seal(tmp)
+        return _publish_to_cache(tmp, weights / manifest.sha256, weights)
     except CheckpointError as e:
         raise type(e)(str(e).replace(str(tmp), stored)) from e
     except MlflowException as e:

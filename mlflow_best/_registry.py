@@ -22,6 +22,7 @@ from mlflow import MlflowClient
 from mlflow.entities import LoggedModelOutput, Metric, RunTag
 from mlflow.exceptions import MlflowException
 
+from mlflow_best import _signing as signing
 from mlflow_best._checkpoint import manifest_sha256
 from mlflow_best._criterion import Criterion
 from mlflow_best._writer import ArtifactOp, CheckpointOp, EndOp, MetricsOp, Op, TagsOp, discard_folder
@@ -102,10 +103,13 @@ def best_version(client: MlflowClient, name: str, monitor: str, criterion: Crite
     """The registered version with the best recorded value of ``monitor`` (earliest wins a tie)."""
     best: Any | None = None
     best_value = math.nan
+    secret = signing.key()
     for v in _all_versions(client, name):
         tags = v.tags or {}
         if tags.get(V_MONITOR) != monitor or tags.get(V_MODE) != criterion.mode or V_PRUNED in tags:
             continue
+        if secret is not None and not signing.tags_signed(secret, tags):
+            continue  # with a team key, only versions whose tags a key holder wrote can hold the alias
         try:
             value = float(tags[V_VALUE])
         except (KeyError, ValueError):
@@ -249,6 +253,9 @@ class Publisher:
             V_RUN: self.run_id,
             TAG + "checkpoint": op.name,
         }
+        secret = signing.key()
+        if secret is not None:
+            tags[signing.TAG] = signing.sign_tags(secret, tags)
         # A retry (the last attempt failed: its answer may have been lost after MLflow acted) or a
         # replay of another process's journal: look for what already exists before creating more.
         if p.get("tried") or op.timestamp_ms < self._since_ms:

@@ -245,7 +245,7 @@ def test_restore_checks_the_rebuilt_architecture_and_names_the_class(sqlite_uri:
     (copy_dir / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(
         mlflow_best.ArchitectureMismatchError,
-        match=r"rebuilt from the manifest \(tests.helpers:TinyNet\(\*\*\{'hidden': 16\}\)\).*mis-shaped",
+        match=r"rebuilt from the manifest \(tests.helpers:TinyNet\(\*\*\{'hidden': 16\}\)\).*58",
     ):
         mlflow_best.restore(str(copy_dir))
 

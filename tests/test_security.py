@@ -435,7 +435,7 @@ def test_the_alias_never_moves_to_an_unsigned_or_forged_version(sqlite_uri: str,
     client = MlflowClient()
     name = f"signed-{uuid.uuid4().hex[:6]}"
     honest = _trained(registered_model=name)
-    assert client.get_model_version_by_alias(name, "best").version == honest.best.version
+    assert str(client.get_model_version_by_alias(name, "best").version) == honest.best.version
     # A forged version with a better metric tag (and a copied, now wrong, signature).
     src = client.get_model_version(name, honest.best.version)  # type: ignore[arg-type]
     forged_tags = dict(src.tags)
@@ -443,6 +443,6 @@ def test_the_alias_never_moves_to_an_unsigned_or_forged_version(sqlite_uri: str,
     forged = client.create_model_version(name, src.source, run_id=honest.run_id, tags=forged_tags)
     # The next honest improvement recomputes the alias: it must skip the forgery.
     later = _trained(registered_model=name)
-    holder = client.get_model_version_by_alias(name, "best").version
-    assert holder != forged.version
+    holder = str(client.get_model_version_by_alias(name, "best").version)
+    assert holder != str(forged.version)
     assert holder in (honest.best.version, later.best.version)
