@@ -324,6 +324,7 @@ def load_weights(
     source: _Source | None = None,
     *,
     serving: bool = False,
+    trust_code: bool = False,
 ) -> tuple[Manifest, torch.nn.Module]:
     """The model of a checkpoint folder, rebuilt from its manifest, on ``device``, in eval mode.
 
@@ -343,7 +344,7 @@ def load_weights(
         _import_recorded(info)
     entry = manifest.files[MODEL_FILE]
     data = read_torch_file(folder / MODEL_FILE, entry)
-    plan = plan_model(info, trust_code=serving)
+    plan = plan_model(info, trust_code=serving or trust_code)
     plan.check_size(str(folder / MODEL_FILE), int(entry["bytes"]), info.get("parameters"))
     state = load_file(folder / MODEL_FILE, device, data=data)
     if not isinstance(state, Mapping):
@@ -401,12 +402,13 @@ def load_model(
     *,
     tracking_uri: str | None = None,
     cache_dir: str | os.PathLike[str] | None = None,
+    trust_code: bool = False,
 ) -> torch.nn.Module:
     """Load the weights of a checkpoint logged by ``track`` into its rebuilt model, for inference.
 
     Only ``manifest.json`` and ``model.pt`` are downloaded and read (the optimizer and training state
     are not), so this works where the optimizer cannot be rebuilt. The model class is imported from
-    this environment, as for ``restore``.
+    this process's modules, as for ``restore``: nothing the checkpoint names is imported.
 
     Args:
         ref: a run id or ``runs:/<run_id>`` (that run's best checkpoint), ``models:/<name>/<version>``,
@@ -415,6 +417,7 @@ def load_model(
             on the CPU.
         tracking_uri: the MLflow tracking URI; None uses MLflow's own (``MLFLOW_TRACKING_URI``).
         cache_dir: the download cache (default ``$MLFLOW_BEST_HOME/cache``); keyed by sha256.
+        trust_code: call the recorded ``model_factory`` even without a ``-> nn.Module`` annotation.
 
     Returns:
         The ``torch.nn.Module`` with the checkpoint's weights, on ``device``, in eval mode.
@@ -429,7 +432,9 @@ def load_model(
         >>> net = mlflow_best.load_model("models:/digits-mlp@best")  # doctest: +SKIP
         >>> net(torch.rand(1, 64)).argmax(1)  # doctest: +SKIP
     """
-    return load_for_inference(ref, device, tracking_uri=tracking_uri, cache_dir=cache_dir).model
+    return load_for_inference(
+        ref, device, tracking_uri=tracking_uri, cache_dir=cache_dir, trust_code=trust_code
+    ).model
 
 
 @dataclass(frozen=True)
@@ -449,25 +454,26 @@ def load_for_inference(
     *,
     tracking_uri: str | None = None,
     cache_dir: str | os.PathLike[str] | None = None,
+    trust_code: bool = False,
 ) -> Loaded:
     """``load_model`` with the manifest and the reference's run and version."""
     target = _device(device)
     if isinstance(ref, os.PathLike) or (isinstance(ref, str) and Path(ref).is_dir()):
         folder = Path(ref)
-        manifest, model = load_weights(folder, target)
+        manifest, model = load_weights(folder, target, trust_code=trust_code)
         return Loaded(model, manifest, folder, manifest.data.get("run_id"), None)
     client = MlflowClient(tracking_uri=tracking_uri or mlflow.get_tracking_uri())
     source = _resolve(client, ref)
     cache = Path(cache_dir) if cache_dir else home() / "cache"
     folder = _fetch_weights(client, source, cache)
     try:
-        manifest, model = load_weights(folder, target, source)
+        manifest, model = load_weights(folder, target, source, trust_code=trust_code)
     except CheckpointError:
         if folder.parent not in (cache, cache / "weights"):
             raise
         _evict(folder, folder.parent)  # changed on this machine since it was cached: download again
         folder = _fetch_weights(client, source, cache)
-        manifest, model = load_weights(folder, target, source)
+        manifest, model = load_weights(folder, target, source, trust_code=trust_code)
     return Loaded(model, manifest, folder, source.run_id or manifest.data.get("run_id"), source.version)
 
 

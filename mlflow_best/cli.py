@@ -214,7 +214,19 @@ def _table(rows: list[dict[str, Any]], right: set[str]) -> str:
               help="Also write the weights as a plain state_dict: FILE.pt (torch.save) or "
                    "FILE.safetensors (needs `pip install safetensors`).")
 @click.option("--tracking-uri", default=None, help=_URI_HELP)
-def restore(ref: str, device: str, out: str | None, tracking_uri: str | None) -> None:
+@click.option("--import", "imports", multiple=True, metavar="MODULE",
+              help="Import this module first (the one that defines the model); restore never imports what "
+                   "a checkpoint names. Repeatable.")
+@click.option("--trust-code", is_flag=True,
+              help="Call the checkpoint's recorded model_factory even without a -> nn.Module annotation.")
+def restore(
+    ref: str,
+    device: str,
+    out: str | None,
+    tracking_uri: str | None,
+    imports: tuple[str, ...],
+    trust_code: bool,
+) -> None:
     """Load the model of checkpoint REF (weights only, verified) onto --device, and report what it is.
 
     \b
@@ -224,15 +236,23 @@ def restore(ref: str, device: str, out: str | None, tracking_uri: str | None) ->
       models:/NAME/VERSION       a registered version
       a local checkpoint folder  as written by track()
 
-    The model is rebuilt from the class and model_args recorded at training time, so that class
-    must be importable here. Only the weights are downloaded and read (as mlflow_best.load_model):
-    the optimizer and training state are left alone, so this works where they cannot be rebuilt.
+    The model is rebuilt from the class and model_args recorded at training time. Nothing the
+    checkpoint names is imported: name the module that defines the model with --import mymodels.
+    Only the weights are downloaded and read (as mlflow_best.load_model): the optimizer and
+    training state are left alone, so this works where they cannot be rebuilt.
     """
     from mlflow_best._pyfunc import load_for_inference
 
     writer = _out_writer(out) if out else None
     _use_store(tracking_uri, must_exist=not Path(ref).is_dir())
-    r = load_for_inference(ref, device=device)
+    import importlib
+
+    for module in imports:
+        try:
+            importlib.import_module(module)
+        except ImportError as e:
+            raise click.ClickException(f"--import {module}: cannot be imported here ({e})") from e
+    r = load_for_inference(ref, device=device, trust_code=trust_code)
     manifest = r.manifest.data
     params = sum(p.numel() for p in r.model.parameters())
     where = f"run {r.run_id}" + (f", version {r.version}" if r.version else "")

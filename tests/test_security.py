@@ -446,3 +446,33 @@ def test_the_alias_never_moves_to_an_unsigned_or_forged_version(sqlite_uri: str,
     holder = str(client.get_model_version_by_alias(name, "best").version)
     assert holder != str(forged.version)
     assert holder in (honest.best.version, later.best.version)
+
+
+def test_the_cli_imports_only_the_modules_named_with_import(sqlite_uri: str, tmp_path: Path) -> None:
+    import os
+    import subprocess
+
+    run = _trained()
+    env = dict(
+        os.environ, MLFLOW_TRACKING_URI=sqlite_uri, PYTHONPATH=str(Path(__file__).resolve().parents[1])
+    )
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "mlflow_best", "restore", run.run_id, *args],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            cwd=tmp_path,
+        )
+
+    refused = cli()
+    assert refused.returncode == 1
+    assert (
+        "module 'tests.helpers' is not imported" in refused.stderr
+        and "--import tests.helpers" in refused.stderr
+    )
+    chosen = cli("--import", "tests.helpers")
+    assert chosen.returncode == 0, chosen.stderr
+    assert chosen.stdout.startswith("restored TinyNet (58 parameters) from epoch 1")
