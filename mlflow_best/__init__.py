@@ -12,7 +12,7 @@ loop), and ``restore`` brings any of them back onto any device::
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -31,6 +31,7 @@ from mlflow_best._errors import (
     UnsentError,
 )
 from mlflow_best._promote import Promotion, promote
+from mlflow_best._recipe import factory_path
 from mlflow_best._restore import Restored, restore, sync
 from mlflow_best._tracker import Best, Run
 from mlflow_best._version import __version__
@@ -70,6 +71,7 @@ def track(
     scheduler: Any = None,
     scaler: Any = None,
     model_args: dict[str, Any] | None = None,
+    model_factory: Callable[..., torch.nn.Module] | None = None,
     params: dict[str, Any] | None = None,
     tags: dict[str, Any] | None = None,
     run_name: str | None = None,
@@ -100,7 +102,11 @@ def track(
         min_delta: an epoch improves only when better than the best by more than this.
         scheduler: an LR scheduler whose state is checkpointed.
         scaler: a ``torch.amp.GradScaler`` whose state is checkpointed.
-        model_args: JSON-able init kwargs of the model, so ``restore`` can rebuild it without ``model=``.
+        model_args: JSON-able keyword arguments of the model's class (or of ``model_factory``), so
+            ``restore`` can rebuild it without ``model=``; checked against the signature here.
+        model_factory: a module-level function (or class) that builds the model from ``model_args``,
+            for models made by builders such as ``torchvision.models.resnet18(num_classes=10)``;
+            recorded by its import path. Lambdas and nested functions are refused.
         params: extra run params. tags: extra run tags. run_name: the MLflow run name.
         resume: a run id: reopen that run, load its latest checkpoint (weights, optimizer, scheduler,
             scaler, RNG) into the given objects, and continue at ``run.start_epoch``.
@@ -129,6 +135,7 @@ def track(
         registered_model=registered_model,
         alias=alias,
         model_args=model_args,
+        model_factory=None if model_factory is None else factory_path(model_factory),
         params=params,
         tags=tags,
         run_name=run_name,
@@ -140,4 +147,12 @@ def track(
         verbose=verbose,
         offline_timeout=offline_timeout,
     )
-    return Run(model, optimizer, config, scheduler=scheduler, scaler=scaler, generators=generators)
+    return Run(
+        model,
+        optimizer,
+        config,
+        scheduler=scheduler,
+        scaler=scaler,
+        generators=generators,
+        model_factory=model_factory,
+    )

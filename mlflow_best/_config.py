@@ -10,10 +10,17 @@ from pathlib import Path
 from typing import Any
 
 from mlflow.exceptions import MlflowException
-from mlflow.utils.validation import _validate_metric_name, _validate_model_alias_name, _validate_model_name
+from mlflow.utils.validation import (
+    MAX_ENTITY_KEY_LENGTH,
+    _validate_metric_name,
+    _validate_model_alias_name,
+    _validate_model_name,
+    _validate_param_name,
+    _validate_tag_name,
+)
 
 from mlflow_best._criterion import Criterion, Mode
-from mlflow_best._errors import ConfigError
+from mlflow_best._errors import ConfigError, MetricError
 
 
 def home() -> Path:
@@ -31,6 +38,7 @@ class TrackConfig:
     registered_model: str | None = None
     alias: str | None = "best"
     model_args: dict[str, Any] | None = None
+    model_factory: str | None = None
     params: dict[str, Any] | None = None
     tags: dict[str, Any] | None = None
     run_name: str | None = None
@@ -48,6 +56,12 @@ class TrackConfig:
         if not isinstance(self.monitor, str) or not self.monitor:
             raise ConfigError(f"monitor={self.monitor!r} must be a metric name, e.g. monitor='val_loss'")
         _mlflow_check(_validate_metric_name, self.monitor, "monitor")
+        if len(self.monitor) > MAX_ENTITY_KEY_LENGTH - len("best_"):
+            raise ConfigError(
+                f"monitor={self.monitor[:40]!r}... is {len(self.monitor)} characters; track also logs "
+                f"best_<monitor>, and MLflow accepts names of at most {MAX_ENTITY_KEY_LENGTH}; use a "
+                "shorter name"
+            )
         if self.registered_model is not None:
             if not isinstance(self.registered_model, str):
                 raise ConfigError(f"registered_model={self.registered_model!r} must be a str or None")
@@ -78,6 +92,8 @@ class TrackConfig:
             value = getattr(self, name)
             if value is not None and not isinstance(value, dict):
                 raise ConfigError(f"{name}={value!r} must be a dict or None")
+            for key in value or {}:
+                check_key(key, f"{name} key", ConfigError)
         if self.keep is not None and (
             isinstance(self.keep, bool) or not isinstance(self.keep, int) or self.keep < 1
         ):
@@ -102,6 +118,29 @@ class TrackConfig:
         if self.save_last is False:
             return 0
         return 1 if self.save_last is True else int(self.save_last)
+
+
+def check_key(key: Any, what: str, error: type[ConfigError] | type[MetricError] = MetricError) -> None:
+    """Apply MLflow's own rules for metric, param and tag names; raise ``error`` naming the rule.
+
+    MLflow would refuse the name later, in the background; refusing it here keeps the run clean.
+    """
+    if not isinstance(key, str) or not key:
+        raise error(f"{what} {key!r} must be a non-empty str")
+    if len(key) > MAX_ENTITY_KEY_LENGTH:
+        raise error(
+            f"{what} {key[:40]!r}... is {len(key)} characters; MLflow accepts at most "
+            f"{MAX_ENTITY_KEY_LENGTH}. Use a shorter name"
+        )
+    check: Any = _validate_tag_name if what.startswith("tags") else (
+        _validate_param_name if what.startswith("params") else _validate_metric_name
+    )
+    try:
+        check(key)
+    except MlflowException as e:
+        rule = e.message.split("supplied: ", 1)[-1]
+        safe = "".join(c if c.isalnum() or c in "_-. :/" else "_" for c in key).strip("/") or "metric"
+        raise error(f"{what} {key!r} is refused by MLflow: {rule} Rename it, e.g. {safe!r}") from e
 
 
 def _mlflow_check(check: Any, value: str, arg: str) -> None:

@@ -7,8 +7,10 @@ response) resumes at the failed step instead of creating a second model or versi
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import math
 import random
+import re
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -31,8 +33,17 @@ V_MODEL_ID = TAG + "model_id"
 
 
 def checkpoint_name(epoch: int, monitor: str, value: float) -> str:
-    """``epoch=0006-val_loss=0.6000``: the checkpoint's folder and display name."""
-    return f"epoch={epoch:04d}-{monitor}={value:.4f}"
+    """``epoch=0006-val_loss=0.6000``: the checkpoint's folder and display name.
+
+    Safe as one path component everywhere (a folder, an artifact path, a LoggedModel name once
+    ``logged_model_name`` has replaced the dots): ``val/loss`` becomes ``val_loss``, and a very long
+    monitor is shortened with a hash of the full name so two monitors never share a name.
+    """
+    stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", monitor).strip("._") or "metric"
+    if len(stem) > 64:
+        stem = f"{stem[:48]}-{hashlib.sha1(monitor.encode()).hexdigest()[:8]}"
+    shown = f"{value:.4f}" if abs(value) < 1e6 else f"{value:.4e}"
+    return f"epoch={epoch:04d}-{stem}={shown}"
 
 
 def logged_model_name(name: str) -> str:

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import importlib
-import inspect
 import json
 import math
 import os
@@ -36,12 +34,17 @@ from mlflow_best._checkpoint import (
 from mlflow_best._config import home
 from mlflow_best._criterion import Criterion
 from mlflow_best._errors import (
-    ArchitectureMismatchError,
     CheckpointError,
     CheckpointNotFoundError,
     ConfigError,
     TrackingStoreError,
     UnsentError,
+)
+from mlflow_best._recipe import (
+    load_model_state,
+    load_optimizer_state,
+    rebuild_model,
+    rebuild_optimizer,
 )
 from mlflow_best._registry import TAG, V_MODEL_ID, V_PRUNED, V_SHA, Publisher, is_missing
 from mlflow_best._state import apply_rng, unwrap_model
@@ -175,10 +178,12 @@ def restore(
     else:
         net = inner = _rebuild_model(manifest, model_state, target, source=str(folder / MODEL_FILE))
     opt = optimizer
-    if opt is None and training.get("optimizer") is not None and manifest.data.get("optimizer"):
-        opt = _rebuild_optimizer(manifest, inner)
-    if opt is not None and training.get("optimizer") is not None:
-        opt.load_state_dict(training["optimizer"])
+    saved_opt = training.get("optimizer")
+    if opt is None and saved_opt is not None and manifest.data.get("optimizer"):
+        opt = rebuild_optimizer(manifest.data["optimizer"], inner, saved_opt)
+        _move_optimizer_state(opt, target)
+    elif opt is not None and saved_opt is not None:
+        load_optimizer_state(opt, saved_opt, source=str(folder / TRAINING_FILE))
         _move_optimizer_state(opt, target)
     if scheduler is not None and training.get("scheduler") is not None:
         scheduler.load_state_dict(training["scheduler"])
@@ -446,103 +451,12 @@ def _cache_hit(folder: Path) -> bool:
 
 
 # -- loading ---------------------------------------------------------------------------------------
-def load_model_state(
-    model: torch.nn.Module, state: Mapping[str, Any], source: str, *, assign: bool = False
-) -> None:
-    """``load_state_dict(strict=True)`` with an error listing missing, unexpected and mis-shaped keys."""
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    shapes = sorted(
-        f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}"
-        for k in set(expected) & set(state)
-        if isinstance(state[k], torch.Tensor) and state[k].shape != expected[k].shape
-    )
-    if missing or unexpected or shapes:
-        parts = []
-        if missing:
-            parts.append(f"missing keys {missing[:10]}")
-        if unexpected:
-            parts.append(f"unexpected keys {unexpected[:10]}")
-        if shapes:
-            parts.append(f"mis-shaped keys {shapes[:10]}")
-        raise ArchitectureMismatchError(
-            f"{source} does not fit {type(model).__name__}: " + "; ".join(parts) + ". Build the model with "
-            "the same architecture and arguments as in training (see manifest 'model.args')"
-        )
-    model.load_state_dict(state, strict=True, assign=assign)
-
-
-def _import_class(path: Any, base: type, what: str, field_name: str) -> type:
-    if not isinstance(path, str) or ":" not in path:
-        raise CheckpointError(f"manifest field {field_name!r} is {path!r}, expected 'module:ClassName'")
-    module_name, qual = path.split(":", 1)
-    try:
-        obj: Any = importlib.import_module(module_name)
-        for part in qual.split("."):
-            obj = getattr(obj, part)
-    except (ImportError, AttributeError) as e:
-        raise ConfigError(
-            f"the {what} class {path!r} cannot be imported here ({e}); pass {what}= an instance built the "
-            "same way as in training"
-        ) from e
-    if not (isinstance(obj, type) and issubclass(obj, base)):
-        raise CheckpointError(
-            f"manifest field {field_name!r} names {path!r}, which is not a {base.__name__} subclass; refused"
-        )
-    return obj
-
-
 def _rebuild_model(
     manifest: Manifest, state: Mapping[str, Any], target: torch.device, source: str
 ) -> torch.nn.Module:
-    """Build the recorded class with ``model_args`` and load ``state`` into it on ``target``."""
+    """Build the recorded class (or factory) with ``model_args`` and load ``state`` into it on ``target``."""
     info = manifest.data["model"]
-    cls = _import_class(info.get("class"), torch.nn.Module, "model", "model.class")
-    args = info.get("args")
-    if args is None:
-        required = [
-            p.name
-            for p in list(inspect.signature(cls.__init__).parameters.values())[1:]  # type: ignore[misc]
-            if p.default is inspect.Parameter.empty and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
-        ]
-        if required:
-            raise ConfigError(
-                f"model=None, but {info.get('class')} needs arguments {required} that were not recorded; "
-                "pass model= an instance, or record model_args={...} in track() so restore can rebuild it"
-            )
-        args = {}
-    if not isinstance(args, dict):
-        raise CheckpointError(
-            f"{manifest.path / MANIFEST}: field 'model.args' is {args!r}, expected an object"
-        )
-    # Built on the meta device first: random initialisation of weights the checkpoint overwrites
-    # anyway costs as much as loading them (~200 ms for 100 MB). The loaded tensors (already on
-    # ``target``) are then assigned as the parameters. A module with state outside its state_dict
-    # (non-persistent buffers) or tied weights needs a real build, under a forked RNG so the
-    # caller's random stream stays where it was.
-    with torch.device("meta"):
-        model: torch.nn.Module = cls(**args)
-    outside = [n for n, _ in (*model.named_parameters(), *model.named_buffers()) if n not in state]
-    # Tied weights (one Parameter under two names) would come apart under assign=True.
-    tied = len(list(model.named_parameters(remove_duplicate=False))) != len(list(model.parameters()))
-    if outside or tied:
-        with torch.random.fork_rng(devices=[]):
-            model = cls(**args)
-        model.to(target)
-        load_model_state(model, state, source=source)
-    else:
-        load_model_state(model, state, source=source, assign=True)
-    return model
-
-
-def _rebuild_optimizer(manifest: Manifest, model: torch.nn.Module) -> torch.optim.Optimizer:
-    info = manifest.data["optimizer"]
-    cls = _import_class(info.get("class"), torch.optim.Optimizer, "optimizer", "optimizer.class")
-    accepted = set(inspect.signature(cls.__init__).parameters)  # type: ignore[misc]
-    defaults = {k: v for k, v in (info.get("defaults") or {}).items() if k in accepted}
-    opt: torch.optim.Optimizer = cls(model.parameters(), **defaults)
-    return opt
+    return rebuild_model(info, state, target, source)
 
 
 def _move_optimizer_state(opt: torch.optim.Optimizer, device: torch.device) -> None:

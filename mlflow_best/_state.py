@@ -31,12 +31,6 @@ def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
             return model
 
 
-def class_path(obj: object) -> str:
-    """``package.module:QualName`` of an object's class, the form restore imports it from."""
-    cls = type(obj)
-    return f"{cls.__module__}:{cls.__qualname__}"
-
-
 def capture_rng(generators: Mapping[str, torch.Generator] | None = None) -> dict[str, Any]:
     """The RNG states of torch (CPU and CUDA), numpy, Python, and the user's named generators."""
     kind, keys, pos, has_gauss, cached = np.random.get_state(legacy=True)
@@ -147,8 +141,9 @@ def _copy_tensor(
     if t.is_sparse or t.is_quantized or t.layout != torch.strided:
         return t.to("cpu", copy=True)
     buf = buffers.get(path)
-    if buf is None or buf.shape != t.shape or buf.dtype != t.dtype:
-        buf = torch.empty(t.shape, dtype=t.dtype, device="cpu", pin_memory=t.is_cuda)
+    if buf is None or buf.shape != t.shape or buf.dtype != t.dtype or buf.stride() != t.stride():
+        # empty_like keeps the strides: a channels_last weight is saved (and restored) channels_last.
+        buf = torch.empty_like(t, device="cpu", pin_memory=t.is_cuda)
         buffers[path] = buf
     if t.is_cuda:
         buf.copy_(t, non_blocking=True)

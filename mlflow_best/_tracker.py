@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import operator
 import os
 import sys
 import tempfile
@@ -25,11 +26,20 @@ from mlflow.tracking.context.registry import resolve_tags
 
 from mlflow_best import _distributed as dist
 from mlflow_best import _errors
-from mlflow_best._config import TrackConfig, home
+from mlflow_best import _lifecycle as lifecycle
+from mlflow_best._config import TrackConfig, check_key, home
 from mlflow_best._errors import ConfigError, MetricError, MlflowBestError, TrackingStoreError, UnsentError
 from mlflow_best._plot import EpochPoint, plot_filename, render_metric_plot
+from mlflow_best._recipe import (
+    OptimizerRecipe,
+    check_model_recipe,
+    class_path,
+    load_model_state,
+    load_optimizer_state,
+    model_recipe,
+)
 from mlflow_best._registry import TAG, Publisher, checkpoint_name, ensure_registered_model, is_missing
-from mlflow_best._state import SnapshotPool, capture_rng, class_path, to_plain, unwrap_model
+from mlflow_best._state import SnapshotPool, capture_rng, to_plain, unwrap_model
 from mlflow_best._version import __version__
 from mlflow_best._writer import (
     ArtifactOp,
@@ -82,6 +92,7 @@ class Run:
         scheduler: Any = None,
         scaler: Any = None,
         generators: Mapping[str, torch.Generator] | None = None,
+        model_factory: Any = None,
     ) -> None:
         if not isinstance(model, torch.nn.Module):
             raise ConfigError(f"model={type(model).__name__} must be a torch.nn.Module")
@@ -92,8 +103,13 @@ class Run:
                 raise ConfigError(f"{name}={type(obj).__name__} has no state_dict/load_state_dict; pass None")
         if generators is not None and not all(isinstance(g, torch.Generator) for g in generators.values()):
             raise ConfigError("generators= must map names to torch.Generator objects, e.g. {'loader': g}")
+        self._leader = dist.rank() == 0
+        # Found here, not at restore in another program days later: model_args that do not fit, a
+        # model its recorded class cannot rebuild (warned once).
+        check_model_recipe(model, model_factory, config.model_args, warn=self._leader)
         self.model = model
         self.optimizer = optimizer
+        self._optimizer_recipe = OptimizerRecipe(model)
         self.scheduler = scheduler
         self.scaler = scaler
         self.generators = dict(generators or {})
@@ -108,11 +124,12 @@ class Run:
         self._last_epoch: int | None = None
         self._last_metrics: dict[str, float] = {}
         self._last_saved_epoch: int | None = None
-        self._leader = dist.rank() == 0
         self._pipeline: Pipeline | None = None
         self._pool = SnapshotPool(slots=2)
         self._client: MlflowClient | None = None
         self._fluent = False
+        self._valid_keys: set[str] = set()
+        self._owns_run = True  # False inside the user's own mlflow.start_run(): its owner ends it
         self._closed = False
         self._status_before_resume = "FAILED"
         # The monitored value per epoch, for the console lines and the plot logged at the end.
@@ -163,8 +180,21 @@ class Run:
         self.tracking_uri = cfg.tracking_uri or mlflow.get_tracking_uri()
         client = MlflowClient(tracking_uri=self.tracking_uri)
         self._client = client
+        same_store = cfg.tracking_uri is None or cfg.tracking_uri == mlflow.get_tracking_uri()
+        active = lifecycle.active_run() if same_store else None
         try:
-            run = self._reopen(client, cfg.resume) if cfg.resume is not None else self._create(client)
+            if active is not None and not active[2]:
+                # Inside the user's own `with mlflow.start_run():` everything goes into that run,
+                # and ending it is left to its owner (as autolog and the HF callback do).
+                run = self._join(client, active[0], active[1])
+            elif cfg.resume is not None:
+                run = self._reopen(client, cfg.resume)
+            else:
+                parent = active[0] if active is not None else None
+                default_exp = (active[1] if active is not None else lifecycle.active_experiment_id()) if (
+                    same_store
+                ) else None
+                run = self._create(client, parent, default_exp)
         except MlflowException as e:
             raise TrackingStoreError(
                 f"the tracking store at {self.tracking_uri!r} refused or did not answer ({e.message}); "
@@ -193,32 +223,67 @@ class Run:
             except BaseException:
                 # A checkpoint that does not fit (or cannot be read) must not leave the run
                 # RUNNING with idle threads: put its status back and stop the pipeline.
-                self._pipeline.submit(EndOp(journal.next_seq(), self._status_before_resume))
+                if self._owns_run:
+                    self._pipeline.submit(EndOp(journal.next_seq(), self._status_before_resume))
                 self._pipeline.close(offline_timeout=5.0)
                 self._closed = True
                 raise
-            self.history = _earlier_points(client, self.run_id, cfg, self.start_epoch)
+            self.history, logged_until = _earlier_points(client, self.run_id, cfg, self.start_epoch)
+            if self._last_epoch is not None:  # resumed from a checkpoint (else warned already)
+                _warn_relogged(self.run_id, self.start_epoch, logged_until, cfg.save_last_every)
         self._t_enter = self._t_epoch = time.monotonic()
-        same_store = cfg.tracking_uri is None or cfg.tracking_uri == mlflow.get_tracking_uri()
-        if same_store and mlflow.active_run() is None:
+        if same_store and self._owns_run:
             # The run is the active fluent run inside the block, so mlflow.log_* calls land in it.
-            mlflow.start_run(run_id=self.run_id)
+            lifecycle.push(run)
             self._fluent = True
 
-    def _create(self, client: MlflowClient) -> Any:
+    def _create(self, client: MlflowClient, parent: str | None, default_experiment: str | None) -> Any:
         cfg = self.config
-        experiment_id = _ensure_experiment(client, cfg.experiment)
+        if cfg.experiment is None and default_experiment is not None:
+            experiment_id = default_experiment
+        else:
+            experiment_id = _ensure_experiment(client, cfg.experiment)
         if cfg.registered_model:
             ensure_registered_model(client, cfg.registered_model)
         # Checked before the run exists, so a bad staging dir leaves no empty run behind.
         _check_writable(self._staging_root())
-        tags = {str(k): str(v) for k, v in (cfg.tags or {}).items()}
+        tags = {str(k): str(v)[:8000] for k, v in (cfg.tags or {}).items()}
         tags.update(self._own_tags())
+        if parent is not None:
+            tags["mlflow.parentRunId"] = parent  # a track block inside another: a child run
         # MLflow's own context tags (user, source file, git commit), as mlflow.start_run would set them.
         tags = resolve_tags(tags)
         run = client.create_run(experiment_id, run_name=cfg.run_name, tags=tags)
         params = self._params()
         client.log_batch(run.info.run_id, params=[Param(k, v) for k, v in params.items()])
+        return run
+
+    def _join(self, client: MlflowClient, run_id: str, experiment_id: str) -> Any:
+        """Track inside the user's active run: log params and tags into it; its owner ends it."""
+        cfg = self.config
+        if cfg.resume is not None and cfg.resume != run_id:
+            raise ConfigError(
+                f"resume={cfg.resume!r} names another run than the active MLflow run {run_id} (started with "
+                "mlflow.start_run()); track logs into the active run. Resume outside that `with` block, or "
+                f"start it as mlflow.start_run(run_id={cfg.resume!r})"
+            )
+        if cfg.experiment is not None:
+            found = client.get_experiment_by_name(cfg.experiment)
+            if found is None or str(found.experiment_id) != str(experiment_id):
+                raise ConfigError(
+                    f"experiment={cfg.experiment!r}, but the active MLflow run {run_id} belongs to "
+                    f"experiment id {experiment_id}; pass experiment=None to log into the active run, or "
+                    "call track outside the `with mlflow.start_run():` block"
+                )
+        if cfg.registered_model:
+            ensure_registered_model(client, cfg.registered_model)
+        _check_writable(self._staging_root())
+        run = client.get_run(run_id)
+        self._owns_run = False
+        self._log_new_params(client, run, resumed=False)
+        tags = {str(k): str(v)[:8000] for k, v in (cfg.tags or {}).items()}
+        tags.update(self._own_tags())
+        client.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()])
         return run
 
     def _reopen(self, client: MlflowClient, run_id: str) -> Any:
@@ -234,25 +299,36 @@ class Run:
         if self.config.registered_model:
             ensure_registered_model(client, self.config.registered_model)
         _check_writable(self._staging_root())
-        known = run.data.params
-        params = self._params()
-        new = {k: v for k, v in params.items() if k not in known}
-        changed = sorted(k for k, v in params.items() if k in known and known[k] != v)
-        if changed:
-            warnings.warn(
-                f"mlflow_best: resuming run {run_id} with different values for params {changed}; "
-                "MLflow keeps the first values",
-                RuntimeWarning,
-                stacklevel=4,
-            )
-        client.log_batch(
-            run_id,
-            params=[Param(k, v) for k, v in new.items()],
-            tags=[RunTag(k, v) for k, v in self._own_tags().items()],
-        )
+        self._log_new_params(client, run, resumed=True)
         self._status_before_resume = run.info.status
         client.update_run(run_id, status="RUNNING")
         return run
+
+    def _log_new_params(self, client: MlflowClient, run: Any, *, resumed: bool) -> None:
+        """Log the params the run does not have yet; MLflow refuses to change a param's value."""
+        known = run.data.params
+        params = self._params()
+        new = {k: v for k, v in params.items() if k not in known}
+        # A param that holds the resume= value itself changes on every resume by design: not a warning.
+        changed = sorted(
+            k for k, v in params.items()
+            if k in known and known[k] != v and not (self.config.resume and v == self.config.resume)
+        )
+        if changed:
+            shown = ", ".join(f"{k}: {known[k][:40]!r} -> {params[k][:40]!r}" for k in changed[:10])
+            doing = "resuming" if resumed else "joining"
+            warnings.warn(
+                f"mlflow_best: {doing} run {run.info.run_id} with different values for params ({shown}); "
+                "MLflow keeps a param's first value, so the run shows the old ones. If they change the "
+                "training, start a new run instead; otherwise log them as tags",
+                RuntimeWarning,
+                stacklevel=5,
+            )
+        client.log_batch(
+            run.info.run_id,
+            params=[Param(k, v) for k, v in new.items()],
+            tags=[RunTag(k, v) for k, v in self._own_tags().items()] if resumed else [],
+        )
 
     def _own_tags(self) -> dict[str, str]:
         cfg = self.config
@@ -324,12 +400,11 @@ class Run:
         self._last_saved_epoch = self._last_epoch
 
     def _apply(self, model_state: Any, training_state: Any, rank: int) -> None:
-        from mlflow_best._restore import load_model_state
         from mlflow_best._state import apply_rng
 
         load_model_state(unwrap_model(self.model), model_state, source="the resumed checkpoint")
         if self.optimizer is not None and training_state.get("optimizer") is not None:
-            self.optimizer.load_state_dict(training_state["optimizer"])
+            load_optimizer_state(self.optimizer, training_state["optimizer"], source="the resumed checkpoint")
         if self.scheduler is not None and training_state.get("scheduler") is not None:
             self.scheduler.load_state_dict(training_state["scheduler"])
         if self.scaler is not None and training_state.get("scaler") is not None:
@@ -355,7 +430,7 @@ class Run:
         Raises:
             MetricError: the monitor is missing or a value is not a number.
         """
-        values = self._check_metrics(epoch, metrics)
+        epoch, values = self._check_metrics(epoch, metrics)
         value = values[self.config.monitor]
         decision = (False, False, value)
         if self._leader:
@@ -391,9 +466,10 @@ class Run:
             self._print_epoch(epoch, values, previous, bool(improved), bool(last_due))
         return bool(improved)
 
-    def _check_metrics(self, epoch: int, metrics: Mapping[str, Any]) -> dict[str, float]:
+    def _check_metrics(self, epoch: int, metrics: Mapping[str, Any]) -> tuple[int, dict[str, float]]:
         if isinstance(epoch, bool) or not isinstance(epoch, numbers.Integral) or epoch < 0:
             raise MetricError(f"epoch={epoch!r} must be an int >= 0 (used as MLflow's step)")
+        epoch = operator.index(epoch)  # a numpy integer (from np.arange) becomes a plain int
         if self._last_epoch is not None and epoch <= self._last_epoch:
             raise MetricError(
                 f"epoch={epoch} was already logged (last logged: {self._last_epoch}); epochs must increase. "
@@ -410,10 +486,13 @@ class Run:
             )
         values: dict[str, float] = {}
         for key, raw in metrics.items():
-            if not isinstance(key, str) or not key:
-                raise MetricError(f"metric name {key!r} must be a non-empty str")
+            if key not in self._valid_keys:
+                # MLflow's own rules, checked before anything of this epoch is queued: a name it
+                # would refuse in the background must not get that far (log the epoch again, renamed).
+                check_key(key, "metric name")
+                self._valid_keys.add(key)
             values[key] = _to_float(key, raw)
-        return values
+        return epoch, values
 
     def _checkpoint(self, epoch: int, values: dict[str, float], kind: str, rngs: list[Any] | None) -> None:
         pipeline = self._require_pipeline()
@@ -460,10 +539,8 @@ class Run:
             "value": value,
             "metrics": values,
             "run_id": self.run_id,
-            "model": {"class": class_path(net), "args": self.config.model_args},
-            "optimizer": None
-            if opt is None
-            else {"class": class_path(opt), "defaults": to_plain(opt.defaults)},
+            "model": model_recipe(net, self.config.model_factory, self.config.model_args),
+            "optimizer": None if opt is None else self._optimizer_recipe(opt),
             "scheduler": None if self.scheduler is None else {"class": class_path(self.scheduler)},
             "scaler": self.scaler is not None,
             "versions": {
@@ -555,12 +632,13 @@ class Run:
                 self._checkpoint(self._last_epoch, dict(self._last_metrics), "last", None)
             self._submit_plot(pipeline)
             pipeline.submit(TagsOp(pipeline.journal.next_seq(), self._summary_tags()))
-            pipeline.submit(EndOp(pipeline.journal.next_seq(), status))
+            if self._owns_run:
+                pipeline.submit(EndOp(pipeline.journal.next_seq(), status))
         finally:
             self._closed = True
             pending = pipeline.close(self.config.offline_timeout, progress=_progress_line)
             if self._fluent:
-                _pop_fluent_run(self.run_id)
+                lifecycle.pop(self.run_id)
         if self._verbose():
             self._print_summary(status, pending)
         if pending:
@@ -661,12 +739,14 @@ def _ui_hint(tracking_uri: str, experiment_id: str, run_id: str) -> list[str]:
     return []
 
 
-def _earlier_points(client: MlflowClient, run_id: str, cfg: TrackConfig, before: int) -> list[EpochPoint]:
-    """The monitored history of a resumed run, so its plot covers every epoch, not only this session's."""
+def _earlier_points(
+    client: MlflowClient, run_id: str, cfg: TrackConfig, before: int
+) -> tuple[list[EpochPoint], int | None]:
+    """The monitored history of a resumed run (its plot covers every epoch), and its last logged epoch."""
     try:
         history = sorted(client.get_metric_history(run_id, cfg.monitor), key=lambda m: (m.step, m.timestamp))
     except MlflowException:
-        return []
+        return [], None
     points: list[EpochPoint] = []
     best: float | None = None
     for m in history:
@@ -675,7 +755,28 @@ def _earlier_points(client: MlflowClient, run_id: str, cfg: TrackConfig, before:
         improved = cfg.criterion.improves(float(m.value), best)
         best = float(m.value) if improved else best
         points.append(EpochPoint(int(m.step), float(m.value), improved))
-    return points
+    return points, (int(history[-1].step) if history else None)
+
+
+def _warn_relogged(run_id: str, start_epoch: int, logged_until: int | None, save_last_every: int) -> None:
+    """Resuming from a checkpoint older than the last logged epoch logs those epochs a second time."""
+    if logged_until is None or logged_until < start_epoch:
+        return
+    epochs = f"epoch {start_epoch} was" if logged_until == start_epoch else (
+        f"epochs {start_epoch}-{logged_until} were"
+    )
+    fix = (
+        "pass save_last=True to track so a resume starts after the last epoch"
+        if not save_last_every
+        else f"save_last={save_last_every} saves every {save_last_every} epochs; save_last=True saves each"
+    )
+    warnings.warn(
+        f"mlflow_best: run {run_id} resumes at epoch {start_epoch} (after its newest checkpoint), but "
+        f"{epochs} already logged; they are trained and logged again, so MLflow keeps two rows of each. "
+        f"To avoid it, {fix}",
+        RuntimeWarning,
+        stacklevel=5,
+    )
 
 
 def _progress_line(in_flight: int, elapsed: float) -> None:
@@ -684,15 +785,6 @@ def _progress_line(in_flight: int, elapsed: float) -> None:
         file=sys.stderr,
         flush=True,
     )
-
-
-def _pop_fluent_run(run_id: str) -> None:
-    from mlflow.tracking.fluent import _active_run_stack
-
-    stack = _active_run_stack.get()  # type: ignore[no-untyped-call]
-    if stack and stack[-1].info.run_id == run_id:
-        stack.pop()
-    os.environ.pop("MLFLOW_RUN_ID", None)
 
 
 def _ensure_experiment(client: MlflowClient, name: str | None) -> str:
@@ -739,7 +831,10 @@ def _to_float(key: str, raw: Any) -> float:
         return float(raw.detach().cpu().item())
     if isinstance(raw, bool) or not isinstance(raw, numbers.Real):
         raise MetricError(f"metric {key!r} is {raw!r} ({type(raw).__name__}), not a number; pass a float")
-    return float(raw)
+    try:
+        return float(raw)
+    except OverflowError as e:
+        raise MetricError(f"metric {key!r} is {str(raw)[:40]}..., too large for a float; pass a float") from e
 
 
 def _now_ms() -> int:
