@@ -21,13 +21,15 @@ from mlflow_best._tracker import Run
 # Taken from the trainer, never from the user: passing them too would track other objects than
 # the ones being trained.
 SUPPLIED = ("model", "optimizer", "scheduler", "scaler")
+_NEED_THE_MODEL = ("model_args", "model_factory")
 
 
 def check_arguments(arguments: Mapping[str, Any], owner: str) -> dict[str, Any]:
     """``arguments`` for ``track``, validated now (a bad value fails here, before any training).
 
     Raises:
-        ConfigError: an argument the trainer supplies, an unknown argument, or a bad value.
+        ConfigError: an argument the trainer supplies, an unknown argument, or a bad value (except
+            ``model_args`` / ``model_factory``, checked against the model when the run is opened).
     """
     accepted = [name for name in inspect.signature(track).parameters if name not in SUPPLIED]
     for name in arguments:
@@ -41,8 +43,9 @@ def check_arguments(arguments: Mapping[str, Any], owner: str) -> dict[str, Any]:
                 f"{owner}({name}=...) is not an argument of mlflow_best.track (accepted: "
                 f"{', '.join(accepted)}); remove it or fix its spelling"
             )
-    # The same checks track() makes, on a stand-in model: nothing is opened or written.
-    track(torch.nn.Module(), None, **arguments)
+    # The same checks track() makes, on a stand-in model: nothing is opened or written. model_args and
+    # model_factory are checked against the real model, when the trainer hands it over.
+    track(torch.nn.Module(), None, **{k: v for k, v in arguments.items() if k not in _NEED_THE_MODEL})
     return dict(arguments)
 
 
