@@ -80,3 +80,13 @@ def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
     mlflow.set_tracking_uri(uri)
     yield uri
     mlflow.set_tracking_uri(None)
+
+
+@pytest.fixture(autouse=True)
+def _no_active_experiment() -> Iterator[None]:
+    """``mlflow.set_experiment`` in one test must not choose the experiment of the next."""
+    yield
+    import mlflow.tracking.fluent as fluent
+
+    fluent._active_experiment_id = None
+    os.environ.pop("MLFLOW_EXPERIMENT_ID", None)
