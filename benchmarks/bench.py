@@ -672,6 +672,8 @@ def measure_variant(spec: ChildSpec) -> dict[str, Any]:
     }
     if ctx is not None and out.restore is not None:
         row.update(storage_and_restore(wl, ctx, out, out.restore))
+        if spec.variant.startswith("mlflow_best"):
+            row.update(pyfunc_vs_bare(wl, ctx))
         if spec.store == "server":  # the server outlives this child: free its disk now
             shutil.rmtree(ctx.artifact_dir, ignore_errors=True)
     return row
@@ -689,6 +691,43 @@ def storage_and_restore(wl: Workload, ctx: StoreCtx, out: VariantOut, restore: R
     row["bare_load_ms"] = bare_load_ms(ctx.artifact_dir)
     row["check"] = check_restore(wl, out, restored)
     return row
+
+
+def pyfunc_vs_bare(wl: Workload, ctx: StoreCtx) -> dict[str, Any]:
+    """Serving's start: ``mlflow.pyfunc.load_model`` of the best version to its first ``predict``,
+    against a bare ``torch.load`` + ``load_state_dict`` + forward of the same stored ``model.pt``.
+
+    Both warm (imports done, files in the page cache), median of 3; pyfunc's time includes MLflow
+    resolving the alias and copying the model folder out of the artifact store, as serving does.
+    """
+    import mlflow
+    import numpy as np
+
+    x = wl.val[0][0].numpy()
+    uri = f"models:/{ctx.registered_model}@best"
+
+    def pyfunc() -> np.ndarray:
+        out: np.ndarray = mlflow.pyfunc.load_model(uri).predict(x)
+        return out
+
+    stored = [p for p in ctx.artifact_dir.rglob("model.pt") if p.is_file()]
+    if not stored:
+        return {}
+    weights = stored[0]
+
+    def bare() -> torch.Tensor:
+        net = BenchMLP(wl.dims)
+        net.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+        with torch.no_grad():
+            out: torch.Tensor = net.eval()(torch.from_numpy(x))
+        return out
+
+    pyfunc()
+    bare()
+    return {
+        "pyfunc_predict_ms": statistics.median(timed(pyfunc)[0] for _ in range(3)) * 1e3,
+        "bare_predict_ms": statistics.median(timed(bare)[0] for _ in range(3)) * 1e3,
+    }
 
 
 def measure_baseline(spec: ChildSpec) -> dict[str, Any]:
@@ -893,7 +932,7 @@ COLUMNS = [
     "variant", "size", "store", "stall_impr_ms", "stall_max_ms", "nonimpr_ms",
     "wall_s", "work_s", "overhead_s", "setup_s", "finish_s",
     "peak_extra_mb", "state_mb", "stored_mb", "local_mb",
-    "restore_ms", "restore_cold_ms", "bare_load_ms", "check",
+    "restore_ms", "restore_cold_ms", "bare_load_ms", "pyfunc_predict_ms", "bare_predict_ms", "check",
 ]  # fmt: skip
 
 
@@ -992,6 +1031,9 @@ TARGETS: list[tuple[str, str, TargetFn, str, float]] = [
     ("wall: mlflow_best / (none + mlflow run start)", "small", _wall_over_floor, "<=", 1.1),
     ("wall, as above with none's training time for both", "small", _wall_same_training, "", 1.1),
     ("restore warm / bare torch.load of its files", "large", _own("restore_ms", "bare_load_ms"), "<=", 1.3),
+    # No target in the issue: how much MLflow's pyfunc path (resolve, copy out, verify, rebuild) adds.
+    ("pyfunc load -> first predict / bare load + forward", "each",
+     _own("pyfunc_predict_ms", "bare_predict_ms"), "", 3.0),
     ("peak extra host memory / state size", "large", _own("peak_extra_mb", "state_mb"), "<=", 2.0),
     ("peak extra above none's training peak / state size", "large", _memory_above_training, "", 2.0),
 ]

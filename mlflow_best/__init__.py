@@ -8,11 +8,13 @@ loop), and ``restore`` brings any of them back onto any device::
             ...
             run.log_epoch(epoch, {"train_loss": tl, "val_loss": vl})
     r = mlflow_best.restore(run.run_id, device="cuda:0")
+    net = mlflow_best.load_model("models:/digits-mlp@best")   # weights only, for inference
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+import os
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -31,6 +33,7 @@ from mlflow_best._errors import (
     UnsentError,
 )
 from mlflow_best._promote import Promotion, promote
+from mlflow_best._pyfunc import load_model
 from mlflow_best._recipe import factory_path
 from mlflow_best._restore import Restored, restore, sync
 from mlflow_best._tracker import Best, Run
@@ -51,6 +54,7 @@ __all__ = [
     "UnsafeCheckpointError",
     "UnsentError",
     "__version__",
+    "load_model",
     "promote",
     "restore",
     "sync",
@@ -83,13 +87,16 @@ def track(
     staging_dir: str | None = None,
     verbose: bool | None = None,
     offline_timeout: float = 60.0,
+    input_example: Any = None,
+    code_paths: Sequence[str | os.PathLike[str]] | None = None,
 ) -> Run:
     """Track a training run in MLflow and keep its best checkpoints; use as ``with track(...) as run``.
 
     Every ``run.log_epoch(epoch, metrics)`` logs the epoch's metrics (one batched call, step=epoch).
     When ``monitor`` improves, the full training state is copied to CPU memory and, in the
     background, written atomically, logged as an MLflow LoggedModel and registered as a version of
-    ``registered_model``; ``alias`` moves to it if it is the best version across all runs.
+    ``registered_model``; ``alias`` moves to it if it is the best version across all runs. Every
+    checkpoint is also an MLflow model (``mlflow.pyfunc.load_model``, ``mlflow models serve``).
 
     Args:
         model: the model (DDP / ``torch.compile`` wrappers are unwrapped for the state_dict).
@@ -119,6 +126,11 @@ def track(
         verbose: print a line per epoch and a summary (None: only when stdout is a terminal).
         offline_timeout: at exit, how long to keep retrying an unreachable server before giving up
             and raising ``UnsentError`` (everything stays on disk for ``sync``).
+        input_example: a batch the model accepts (numpy array, DataFrame, tensor, or dict of arrays
+            for several inputs): the signature is inferred from it once, here, and recorded on
+            every version, so the UI shows the schema and serving validates input.
+        code_paths: files or folders shipped in every version under ``code/`` (as MLflow's
+            ``log_model(code_paths=...)``), so the model class imports where it is served.
 
     Returns:
         A ``Run`` context manager.
@@ -155,4 +167,6 @@ def track(
         scaler=scaler,
         generators=generators,
         model_factory=model_factory,
+        input_example=input_example,
+        code_paths=code_paths,
     )

@@ -3,7 +3,14 @@
     <name>/
       model.pt            the model's state_dict (torch.save; loads with weights_only=True)
       training_state.pt   optimizer, scheduler, GradScaler, RNG states, epoch, metrics
+      MLmodel, requirements.txt, python_env.yaml, conda.yaml
+                          what makes the folder an MLflow model (written by ``_pyfunc``)
+      code/...            ``track(code_paths=...)``, shipped for serving
       manifest.json       format version, sha256 + size of every file, classes, model_args, versions
+
+The manifest lists the flat files under ``files`` and the files below ``code/`` under ``code``
+(optional: checkpoints written before models were MLflow models have neither the MLflow files nor
+``code``, and still read).
 
 A folder is written under a temporary name (every file fsynced), then renamed into place and the
 parent fsynced: a reader never sees a half-written checkpoint under its final name.
@@ -12,26 +19,33 @@ parent fsynced: a reader never sees a half-written checkpoint under its final na
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import pickle
 import shutil
 import uuid
 import zipfile
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import torch
 
-from mlflow_best._errors import CheckpointError, UnsafeCheckpointError
+from mlflow_best import _signing as signing
+from mlflow_best._errors import CheckpointError, ConfigError, UnsafeCheckpointError
 
 FORMAT = "mlflow_best.checkpoint"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 MODEL_FILE = "model.pt"
 TRAINING_FILE = "training_state.pt"
+CODE_DIR = "code"
 _CHUNK = 8 << 20
+# Files that make a checkpoint folder more than state dicts (an MLflow model, shipped code):
+# relative path -> content, rendered by the disk thread from the checkpoint's manifest fields.
+ExtraFiles = Callable[[Mapping[str, Any]], Mapping[str, bytes]]
 
 
 class _HashingWriter:
@@ -70,10 +84,27 @@ def _save_file(obj: Any, path: Path) -> dict[str, Any]:
     return {"sha256": writer.sha256.hexdigest(), "bytes": writer.size}
 
 
+def _write_bytes(data: bytes, path: Path) -> dict[str, Any]:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    return {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
+
+
 def write_checkpoint(
-    parent: Path, name: str, model_state: Any, training_state: Any, meta: dict[str, Any]
+    parent: Path,
+    name: str,
+    model_state: Any,
+    training_state: Any,
+    meta: dict[str, Any],
+    extra: ExtraFiles | None = None,
 ) -> Path:
     """Write a checkpoint folder ``parent/name`` atomically and return its path.
+
+    ``extra(meta)`` gives more files (relative path -> bytes) written and listed in the manifest with
+    the state dicts: the MLflow model files and shipped code.
 
     An existing folder of that name is replaced (used for the rolling "last" checkpoint): the old one
     is moved aside first, so at every instant one complete folder exists under ``name`` or ``name.old``.
@@ -86,11 +117,19 @@ def write_checkpoint(
             MODEL_FILE: _save_file(model_state, tmp / MODEL_FILE),
             TRAINING_FILE: _save_file(training_state, tmp / TRAINING_FILE),
         }
+        code: dict[str, dict[str, Any]] = {}
+        for rel, data in (extra(meta) if extra is not None else {}).items():
+            (code if "/" in rel else files)[rel] = _write_bytes(data, tmp / rel)
         manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, **meta, "files": files}
-        with open(tmp / MANIFEST, "w", encoding="utf-8") as f:
-            json.dump(manifest, f, indent=2, sort_keys=True)
-            f.flush()
-            os.fsync(f.fileno())
+        if code:
+            manifest["code"] = code
+        manifest_bytes = json.dumps(manifest, indent=2, sort_keys=True).encode("utf-8")
+        _write_bytes(manifest_bytes, tmp / MANIFEST)
+        secret = signing.key()
+        if secret is not None:
+            _write_bytes(signing.sign_manifest(secret, manifest_bytes), tmp / signing.SIGNATURE_FILE)
+        for sub in {(tmp / rel).parent for rel in code}:
+            _fsync_dir(sub)
         _fsync_dir(tmp)
         final = parent / name
         old = parent / f"{name}.old"
@@ -125,6 +164,7 @@ class Manifest:
 
     path: Path
     data: dict[str, Any]
+    sha256: str = ""
 
     @property
     def epoch(self) -> int:
@@ -134,6 +174,11 @@ class Manifest:
     def files(self) -> dict[str, dict[str, Any]]:
         files: dict[str, dict[str, Any]] = self.data["files"]
         return files
+
+    @property
+    def all_files(self) -> dict[str, dict[str, Any]]:
+        """Every listed file, by path relative to the folder: ``files`` and the shipped ``code``."""
+        return {**self.files, **self.data.get("code", {})}
 
 
 _REQUIRED: dict[str, type | tuple[type, ...]] = {
@@ -146,18 +191,46 @@ _REQUIRED: dict[str, type | tuple[type, ...]] = {
 }
 
 
+_MAX_MANIFEST = 16 << 20
+
+
 def read_manifest(folder: Path) -> Manifest:
     """Parse and type-check ``folder/manifest.json``; raise a CheckpointError naming file and field."""
+    return parse_manifest(folder, _manifest_bytes(folder))
+
+
+def _manifest_bytes(folder: Path) -> bytes:
     path = folder / MANIFEST
     if not path.is_file():
         raise CheckpointError(
             f"{path} is missing: {folder} is not an mlflow_best checkpoint (a checkpoint from another "
             "library, or an incomplete download); restore a reference that mlflow_best.track logged"
         )
+    with open(path, "rb") as f:
+        data = f.read(_MAX_MANIFEST + 1)
+    if len(data) > _MAX_MANIFEST:
+        raise CheckpointError(f"{path} is over {_MAX_MANIFEST:,} bytes; not a manifest mlflow_best wrote")
+    return data
+
+
+def parse_manifest(folder: Path, raw: bytes) -> Manifest:
+    """Parse and type-check a manifest's bytes; any malformation is a CheckpointError naming the field."""
+    path = folder / MANIFEST
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{path} is not valid JSON ({e}); the checkpoint is damaged") from e
+        return _parse_manifest(folder, path, raw)
+    except CheckpointError:
+        raise
+    except (RecursionError, MemoryError) as e:
+        raise CheckpointError(f"{path} is nested too deeply ({type(e).__name__}); refused") from e
+    except Exception as e:  # a field of an unexpected type deep inside: never an undocumented error
+        raise CheckpointError(f"{path} is malformed ({type(e).__name__}: {str(e)[:200]}); refused") from e
+
+
+def _parse_manifest(folder: Path, path: Path, raw: bytes) -> Manifest:
+    try:
+        data = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as e:
+        raise CheckpointError(f"{path} is not valid JSON ({str(e)[:200]}); the checkpoint is damaged") from e
     if not isinstance(data, dict):
         raise CheckpointError(f"{path} holds a {type(data).__name__}, expected a JSON object")
     if data.get("format") != FORMAT:
@@ -191,14 +264,18 @@ def read_manifest(folder: Path) -> Manifest:
                 f"{path}: field 'files' lists {fname!r}, expected a plain file name inside the checkpoint "
                 "folder; refused"
             )
-        if (
-            not isinstance(entry, dict)
-            or not isinstance(entry.get("sha256"), str)
-            or not _is_int(entry.get("bytes"))
-        ):
+        _check_entry(path, "files", fname, entry)
+    code = data.get("code", {})
+    if not isinstance(code, dict):
+        raise CheckpointError(f"{path}: field 'code' is {code!r}, expected an object of path -> entry")
+    for rel, entry in code.items():
+        parts = PurePosixPath(rel).parts if isinstance(rel, str) else ()
+        if len(parts) < 2 or parts[0] != CODE_DIR or any(p in ("", ".", "..") for p in parts) or "\\" in rel:
             raise CheckpointError(
-                f"{path}: field 'files.{fname}' is {entry!r}, expected {{'sha256': str, 'bytes': int}}"
+                f"{path}: field 'code' lists {rel!r}, expected a relative path below {CODE_DIR}/ inside the "
+                "checkpoint folder; refused"
             )
+        _check_entry(path, "code", rel, entry)
     for name, value in data["metrics"].items():
         if not _is_number(value):
             raise CheckpointError(
@@ -221,7 +298,72 @@ def read_manifest(folder: Path) -> Manifest:
             f"{path}: field 'optimizer' is {optimizer!r}, "
             "expected null or {'class': 'module:ClassName', ...}"
         )
-    return Manifest(folder, data)
+    _check_optional(path, data)
+    return Manifest(folder, data, hashlib.sha256(raw).hexdigest())
+
+
+def _check_optional(path: Path, data: dict[str, Any]) -> None:
+    """Fields restore reads beyond the required ones: each of the type it is read as, or absent."""
+    checks: list[tuple[str, Any, tuple[type, ...]]] = [
+        ("value", data.get("value"), (int, float, type(None))),
+        ("monitor", data.get("monitor"), (str, type(None))),
+        ("mode", data.get("mode"), (str, type(None))),
+        ("run_id", data.get("run_id"), (str, type(None))),
+        ("kind", data.get("kind"), (str, type(None))),
+        ("model.factory", data["model"].get("factory"), (str, type(None))),
+        ("model.memory_format", data["model"].get("memory_format"), (str, type(None))),
+        ("scheduler", data.get("scheduler"), (dict, type(None))),
+    ]
+    optimizer = data.get("optimizer")
+    if isinstance(optimizer, dict):
+        checks.append(("optimizer.defaults", optimizer.get("defaults"), (dict, type(None))))
+        groups = optimizer.get("groups")
+        checks.append(("optimizer.groups", groups, (list, type(None))))
+        for i, group in enumerate(groups if isinstance(groups, list) else []):
+            names = group.get("params") if isinstance(group, dict) else None
+            if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+                raise CheckpointError(
+                    f"{path}: field 'optimizer.groups[{i}]' is {str(group)[:80]!r}, expected an object whose "
+                    "'params' is a list of parameter names"
+                )
+    for field, value, kinds in checks:
+        if not isinstance(value, kinds) or isinstance(value, bool):
+            got = f"{str(value)[:80]!r} ({type(value).__name__})"
+            raise CheckpointError(f"{path}: field {field!r} is {got}; refused")
+    if data.get("mode") not in (None, "min", "max"):
+        raise CheckpointError(f"{path}: field 'mode' is {data['mode']!r}, expected 'min' or 'max'")
+    if data["epoch"] > 10**9:
+        raise CheckpointError(f"{path}: field 'epoch' is {data['epoch']}, not a plausible epoch; refused")
+    for field in ("files", "code"):
+        for name, entry in (data.get(field) or {}).items():
+            if entry["bytes"] < 0 or len(entry["sha256"]) != 64:
+                raise CheckpointError(f"{path}: field '{field}.{name}' is {entry!r}; refused")
+
+
+def open_checkpoint(folder: Path, expected_sha256: str | None = None) -> Manifest:
+    """The manifest of ``folder``, read once: its bytes must hash to ``expected_sha256`` (what MLflow
+    recorded) when given, and carry a valid signature when ``MLFLOW_BEST_SIGNING_KEY`` is set."""
+    raw = _manifest_bytes(folder)
+    actual = hashlib.sha256(raw).hexdigest()
+    if expected_sha256 is not None and actual != expected_sha256:
+        raise CheckpointError(
+            f"{folder / MANIFEST} has sha256 {actual[:12]}…, but MLflow recorded {expected_sha256[:12]}… for "
+            "this checkpoint: the stored manifest was changed; it was not loaded"
+        )
+    manifest = parse_manifest(folder, raw)
+    secret = signing.key()
+    if secret is not None:
+        sig_path = folder / signing.SIGNATURE_FILE
+        signature = sig_path.read_bytes()[:4096] if sig_path.is_file() else None
+        signing.check_manifest(secret, folder, raw, signature)
+    return manifest
+
+
+def _check_entry(path: Path, field: str, name: str, entry: Any) -> None:
+    if not (isinstance(entry, dict) and isinstance(entry.get("sha256"), str) and _is_int(entry.get("bytes"))):
+        raise CheckpointError(
+            f"{path}: field '{field}.{name}' is {entry!r}, expected {{'sha256': str, 'bytes': int}}"
+        )
 
 
 def _is_int(value: Any) -> bool:
@@ -232,10 +374,18 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-def verify_checkpoint(folder: Path, *, check_hashes: bool = True) -> Manifest:
-    """Check that every file the manifest lists is there, of the right size and sha256."""
+def verify_checkpoint(
+    folder: Path, *, check_hashes: bool = True, only: Iterable[str] | None = None
+) -> Manifest:
+    """Check that every file the manifest lists is there, of the right size and sha256.
+
+    ``only``: check just these of the listed files (a reader that needs only the weights does not
+    hash, or even need, the training state).
+    """
     manifest = read_manifest(folder)
-    for fname, entry in manifest.files.items():
+    listed = manifest.all_files
+    wanted = listed if only is None else {n: listed[n] for n in only if n in listed}
+    for fname, entry in wanted.items():
         fpath = folder / fname
         if not fpath.is_file():
             raise CheckpointError(f"{fpath} is missing; the checkpoint is incomplete")
@@ -253,9 +403,14 @@ def verify_checkpoint(folder: Path, *, check_hashes: bool = True) -> Manifest:
     return manifest
 
 
-def load_file(path: Path, map_location: Any) -> Any:
-    """``torch.load`` with ``weights_only=True``: anything that would run code is refused."""
+def load_file(path: Path, map_location: Any, data: bytes | None = None) -> Any:
+    """``torch.load`` with ``weights_only=True``: anything that would run code is refused.
+
+    With ``data``, those bytes are loaded (``path`` only names them in errors).
+    """
     try:
+        if data is not None:
+            return torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
         return torch.load(path, map_location=map_location, weights_only=True, mmap=False)
     except pickle.UnpicklingError as e:
         raise UnsafeCheckpointError(
@@ -274,3 +429,91 @@ def _unpickling_reason(error: BaseException) -> str:
         if "GLOBAL" in line or "nsupported" in line:
             return line
     return lines[-1] if lines else type(error).__name__
+
+
+# -- loading what was verified ---------------------------------------------------------------------
+MAX_LOAD_ENV = "MLFLOW_BEST_MAX_LOAD_BYTES"
+_DEFAULT_MAX_LOAD = 64 << 30
+
+
+def max_load_bytes() -> int:
+    """The most a checkpoint may declare before anything is read (``MLFLOW_BEST_MAX_LOAD_BYTES``)."""
+    raw = os.environ.get(MAX_LOAD_ENV)
+    if not raw:
+        return _DEFAULT_MAX_LOAD
+    try:
+        value = int(raw)
+    except ValueError as e:
+        raise ConfigError(f"{MAX_LOAD_ENV}={raw!r} is not a number of bytes, e.g. 17179869184") from e
+    return value
+
+
+def read_verified(path: Path, entry: dict[str, Any]) -> bytes:
+    """The bytes of ``path``, refused unless they are exactly the size and sha256 the manifest declares.
+
+    The file is opened once: its size is checked before anything is read, then the bytes read are
+    hashed and returned, so what was verified is what the caller loads (a file swapped after the
+    check cannot be loaded in its place).
+    """
+    declared = int(entry["bytes"])
+    limit = max_load_bytes()
+    if declared > limit:
+        raise CheckpointError(
+            f"{path}: the manifest declares {declared:,} bytes, more than the {limit:,} this process loads "
+            f"({MAX_LOAD_ENV}); raise the limit if you expect a checkpoint this large. It was not read"
+        )
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            if size != declared:
+                raise CheckpointError(
+                    f"{path} is {size} bytes, the manifest says {declared}: the file is truncated or was "
+                    "changed; restore another version or re-download it"
+                )
+            data = f.read(declared + 1)
+    except FileNotFoundError as e:
+        raise CheckpointError(f"{path} is missing; the checkpoint is incomplete") from e
+    if len(data) != declared:
+        raise CheckpointError(f"{path} changed size while it was read; it was not loaded")
+    if hashlib.sha256(data).hexdigest() != entry["sha256"]:
+        raise CheckpointError(
+            f"{path} fails its checksum (sha256 differs from the manifest): the file was changed or "
+            "corrupted; it was not loaded"
+        )
+    return data
+
+
+def check_torch_zip(data: bytes, path: Path) -> None:
+    """Refuse a torch file whose zip entries are compressed or add up to more than the file itself.
+
+    ``torch.save`` stores entries uncompressed, so a genuine checkpoint never inflates; a compressed
+    entry is how a small file would expand to gigabytes in memory (a zip bomb).
+    """
+    try:
+        with zipfile.ZipFile(io.BytesIO(data)) as z:
+            infos = z.infolist()
+    except zipfile.BadZipFile as e:
+        raise CheckpointError(f"{path} cannot be read as a torch file ({e}); the file is damaged") from e
+    compressed = [i.filename for i in infos if i.compress_type != zipfile.ZIP_STORED]
+    if compressed:
+        raise CheckpointError(
+            f"{path} has compressed entries ({compressed[:3]}); torch.save never compresses, so the file "
+            "was crafted to inflate on load. It was not loaded"
+        )
+    total = sum(i.file_size for i in infos)
+    if total > len(data):
+        raise CheckpointError(
+            f"{path}: its entries declare {total:,} bytes, more than the file's {len(data):,}; refused"
+        )
+
+
+def read_torch_file(path: Path, entry: dict[str, Any]) -> bytes:
+    """The verified bytes of one torch file of a checkpoint, refused if crafted to inflate."""
+    data = read_verified(path, entry)
+    check_torch_zip(data, path)
+    return data
+
+
+def load_verified(path: Path, entry: dict[str, Any], map_location: Any) -> Any:
+    """Read, verify and load one file of a checkpoint, from the verified bytes only."""
+    return load_file(path, map_location, data=read_torch_file(path, entry))

@@ -89,6 +89,7 @@ def run_demo(epochs: int = 15, lr: float = 0.01, hidden: int = 64, experiment: s
         registered_model=registered_model, alias="best", scheduler=sched,
         model_args={"hidden": hidden}, params={"lr": lr, "epochs": epochs, "seed": seed},
         generators={"loader": loader_gen}, verbose=True,
+        input_example=data.x_val[:5],  # so every version records its signature
     ) as run:
         for epoch in range(run.start_epoch, epochs):
             tl = train_epoch(model, opt, data, loader_gen)
@@ -99,6 +100,7 @@ def run_demo(epochs: int = 15, lr: float = 0.01, hidden: int = 64, experiment: s
     # the demo adds how to get the model back, and proves it by doing so.
     print(f"  restore it    mlflow-best restore models:/{registered_model}@best --out best.pt")
     print(f"                mlflow_best.restore(\"models:/{registered_model}@best\", device=\"cuda\")")
+    print(f"  serve it      mlflow models serve -m models:/{registered_model}@best --env-manager local")
     r = mlflow_best.restore(run.run_id)
     _, acc = evaluate(r.model, data.x_test, data.y_test)
     took = time.perf_counter() - start

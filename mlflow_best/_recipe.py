@@ -18,8 +18,10 @@ import importlib
 import inspect
 import random
 import sys
+import typing
 import warnings
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -153,7 +155,12 @@ def model_recipe(
 ) -> dict[str, Any]:
     """The manifest's ``model`` section."""
     net = unwrap_model(model)
-    recipe: dict[str, Any] = {"class": class_path(net), "args": model_args, "factory": factory}
+    recipe: dict[str, Any] = {
+        "class": class_path(net),
+        "args": model_args,
+        "factory": factory,
+        "parameters": sum(p.numel() for p in net.parameters()),
+    }
     if _is_channels_last(net):
         recipe["memory_format"] = "channels_last"
     return recipe
@@ -191,36 +198,170 @@ class OptimizerRecipe:
 
 # -- at restore -------------------------------------------------------------------------------------
 def resolve(path: Any, field: str) -> Any:
-    """The object a recorded ``module:QualName`` names."""
-    if not isinstance(path, str) or ":" not in path:
+    """The object a recorded ``module:QualName`` names, from a module this process already imported.
+
+    Nothing is imported: a checkpoint (or whoever can write to the tracking server) must not be able
+    to make restore run a module's import-time code. The user imports the module that defines the
+    model (``import mymodels``) and restore then finds the class there.
+    """
+    if not isinstance(path, str) or path.count(":") != 1:
         raise CheckpointError(f"manifest field {field!r} is {path!r}, expected 'module:QualName'")
     module_name, qual = path.split(":", 1)
-    try:
-        obj: Any = importlib.import_module(module_name)
-        for part in qual.split("."):
-            obj = getattr(obj, part)
-    except (ImportError, AttributeError) as e:
-        what = "model" if field.startswith("model") else "optimizer"
+    what = "model" if field.startswith("model") else "optimizer"
+    if not module_name or not qual or "<" in qual:
+        raise CheckpointError(f"manifest field {field!r} is {path!r}, expected 'module:QualName'")
+    if module_name in _OWN_MODULES:
+        importlib.import_module(module_name)  # part of mlflow_best itself (the demo's model)
+    if module_name not in sys.modules:
         raise ConfigError(
-            f"{path!r} (manifest field {field!r}) cannot be imported here ({e}); pass {what}= an instance "
-            "built the same way as in training"
-        ) from e
+            f"the checkpoint names {path!r} (manifest field {field!r}), but module {module_name!r} is not "
+            f"imported in this process; restore never imports what a checkpoint names. If you trust it, "
+            f"`import {module_name}` before restore (CLI: --import {module_name}), or pass {what}= an "
+            "instance built as in training"
+        )
+    obj: Any = sys.modules[module_name]
+    for part in qual.split("."):
+        obj = getattr(obj, part, _MISSING)
+        if obj is _MISSING:
+            raise ConfigError(
+                f"the checkpoint names {path!r} (manifest field {field!r}), which module {module_name!r} "
+                f"does not define here; pass {what}= an instance built as in training"
+            )
     return obj
 
 
-def rebuild_model(
-    info: Mapping[str, Any], state: Mapping[str, Any], target: torch.device, source: str
-) -> torch.nn.Module:
-    """Build the recorded class or factory with ``model_args`` and load ``state`` into it on ``target``."""
+_MISSING = object()
+# Modules of this package that define models and import nothing beyond torch.
+_OWN_MODULES = frozenset({"mlflow_best._demo"})
+
+
+def trusted_factory(path: str, given: Any = None, *, trust_code: bool = False) -> Any:
+    """The recorded factory, if calling it is the user's choice; else a ConfigError saying how to choose.
+
+    A factory is a plain callable: its type says nothing of what it does (``os.system`` is a callable
+    too). It is called when the user passes the same factory to restore, when its module is imported
+    and its return annotation is an ``nn.Module`` subclass (torchvision's builders are annotated), or
+    with ``trust_code=True`` (Hugging Face's ``trust_remote_code`` convention).
+    """
+    if given is not None:
+        if not callable(given) or object_path(given) != path:
+            shown = object_path(given) if callable(given) else repr(given)
+            raise ConfigError(
+                f"model_factory={shown} was passed to restore, but the checkpoint was built by {path!r}; "
+                "pass that factory, or model= an instance"
+            )
+        return given
+    factory = resolve(path, "model.factory")
+    if not callable(factory):
+        raise CheckpointError(f"manifest field 'model.factory' names {path!r}, not a callable; refused")
+    if trust_code or (isinstance(factory, type) and issubclass(factory, torch.nn.Module)):
+        return factory
+    if _returns_module(factory):
+        return factory
+    raise ConfigError(
+        f"the checkpoint's model_factory {path!r} does not declare that it returns a torch.nn.Module (no "
+        "return annotation), so restore will not call it on the checkpoint's word. Pass "
+        "model_factory= that function to restore, trust_code=True if you trust this checkpoint, or model= "
+        "an instance"
+    )
+
+
+def _returns_module(factory: Any) -> bool:
+    try:
+        hints = typing.get_type_hints(factory)
+    except Exception:
+        return False
+    ret = hints.get("return")
+    return isinstance(ret, type) and issubclass(ret, torch.nn.Module)
+
+
+@dataclass
+class ModelPlan:
+    """A model rebuilt from its manifest on the ``meta`` device: checked before anything is allocated."""
+
+    builder: Any
+    args: dict[str, Any]
+    shown: str
+    meta: torch.nn.Module
+    memory_format: str | None
+
+    def state_bytes(self) -> int:
+        """What the model's state_dict takes in memory (each tensor once)."""
+        seen: dict[int, int] = {}
+        for t in self.meta.state_dict().values():
+            if isinstance(t, torch.Tensor):
+                seen[id(t)] = t.numel() * t.element_size()
+        return sum(seen.values())
+
+    def check_size(self, file: str, file_bytes: int, declared_parameters: Any = None) -> None:
+        """Refuse a recipe that builds more than the checkpoint's weights file can hold.
+
+        The weights file holds every tensor of the state_dict, so a model needing more bytes than
+        it has cannot be the checkpoint's: ``model_args`` were changed to allocate memory (a denial of
+        service), or the class of that name here is another one.
+        """
+        need = self.state_bytes()
+        if need > file_bytes:
+            raise CheckpointError(
+                f"{file}: the manifest's recipe {self.shown}(**{_short(self.args)}) would need {need:,} "
+                "bytes, "
+                f"but model.pt holds {file_bytes:,}: the recipe does not describe these weights (changed "
+                "model_args?). Nothing was allocated; pass model= an instance of the trained architecture"
+            )
+        if isinstance(declared_parameters, int) and not isinstance(declared_parameters, bool):
+            count = sum(p.numel() for p in self.meta.parameters())
+            if count != declared_parameters:
+                raise ArchitectureMismatchError(
+                    f"{file} does not fit the model rebuilt from the manifest ({self.shown}(**"
+                    f"{_short(self.args)})): it builds {count:,} parameters, the manifest declares "
+                    f"{declared_parameters:,}. Nothing was loaded; pass model= an instance of the trained "
+                    "architecture"
+                )
+
+    def build(self, state: Mapping[str, Any], target: torch.device, source: str) -> torch.nn.Module:
+        """The model with ``state`` loaded, on ``target``."""
+        model = self.meta
+        mismatch = state_mismatch(state, model.state_dict())
+        if mismatch:
+            raise ArchitectureMismatchError(
+                f"{source} does not fit the model rebuilt from the manifest ({self.shown}(**{self.args!r})): "
+                f"{mismatch}. The class of that name here differs from the one trained; pass model= an "
+                "instance of the trained architecture"
+            )
+        # The loaded tensors (already on ``target``) are assigned as the parameters: random
+        # initialisation of weights the checkpoint overwrites costs as much as loading them. A module
+        # with state outside its state_dict (non-persistent buffers) or tied weights needs a real
+        # build, under a forked RNG so the caller's random stream stays where it was.
+        outside = [n for n, _ in (*model.named_parameters(), *model.named_buffers()) if n not in state]
+        tied = len(list(model.named_parameters(remove_duplicate=False))) != len(list(model.parameters()))
+        if outside or tied:
+            with torch.random.fork_rng(devices=[]):
+                model = _call(self.builder, self.args, self.shown)
+            model.to(target)
+            load_model_state(model, state, source=source)
+        else:
+            load_model_state(model, state, source=source, assign=True)
+        if self.memory_format == "channels_last":
+            model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+        return model
+
+
+def _short(args: Any) -> str:
+    text = repr(args)
+    return text if len(text) <= 120 else text[:117] + "..."
+
+
+def plan_model(info: Mapping[str, Any], *, factory: Any = None, trust_code: bool = False) -> ModelPlan:
+    """Find the recorded class or factory (never importing anything) and build it on the meta device."""
     factory_name = info.get("factory")
     args = info.get("args")
     if args is not None and not isinstance(args, dict):
-        raise CheckpointError(f"{source}: manifest field 'model.args' is {args!r}, expected an object")
+        raise CheckpointError(f"manifest field 'model.args' is {args!r}, expected an object")
     if factory_name is not None:
-        builder: Any = resolve(factory_name, "model.factory")
-        if not callable(builder):
-            raise CheckpointError(f"manifest field 'model.factory' names {factory_name!r}, not a callable")
-        shown = str(factory_name)
+        if not isinstance(factory_name, str):
+            raise CheckpointError(f"manifest field 'model.factory' is {factory_name!r}, expected 'module:fn'")
+        builder: Any = trusted_factory(factory_name, factory, trust_code=trust_code)
+        shown = factory_name
     else:
         builder = resolve(info.get("class"), "model.class")
         if not (isinstance(builder, type) and issubclass(builder, torch.nn.Module)):
@@ -242,37 +383,28 @@ def rebuild_model(
         inspect.signature(builder).bind(**args)
     except TypeError as e:
         raise ConfigError(
-            f"model=None, but {shown} cannot be called with the recorded model_args {args!r} ({e}); pass "
-            "model= an instance, or record model_args={...} (or model_factory=) in track()"
+            f"model=None, but {shown} cannot be called with the recorded model_args {_short(args)} ({e}); "
+            "pass model= an instance, or record model_args={...} (or model_factory=) in track()"
         ) from e
     except ValueError:
         pass  # no signature to check (a builtin): the call below says what is wrong
-    # Built on the meta device first: random initialisation of weights the checkpoint overwrites
-    # anyway costs as much as loading them (~200 ms for 100 MB). The loaded tensors (already on
-    # ``target``) are then assigned as the parameters. A module with state outside its state_dict
-    # (non-persistent buffers) or tied weights needs a real build, under a forked RNG so the
-    # caller's random stream stays where it was.
     with torch.device("meta"):
-        model = _call(builder, args, shown)
-    mismatch = state_mismatch(state, model.state_dict())
-    if mismatch:
-        raise ArchitectureMismatchError(
-            f"{source} does not fit the model rebuilt from the manifest ({shown}(**{args!r})): {mismatch}. "
-            "The class of that name here differs from the one trained; pass model= an instance of the "
-            "trained architecture"
-        )
-    outside = [n for n, _ in (*model.named_parameters(), *model.named_buffers()) if n not in state]
-    tied = len(list(model.named_parameters(remove_duplicate=False))) != len(list(model.parameters()))
-    if outside or tied:
-        with torch.random.fork_rng(devices=[]):
-            model = _call(builder, args, shown)
-        model.to(target)
-        load_model_state(model, state, source=source)
-    else:
-        load_model_state(model, state, source=source, assign=True)
-    if info.get("memory_format") == "channels_last":
-        model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
-    return model
+        meta = _call(builder, args, shown)
+    fmt = info.get("memory_format")
+    return ModelPlan(builder, args, shown, meta, fmt if isinstance(fmt, str) else None)
+
+
+def rebuild_model(
+    info: Mapping[str, Any],
+    state: Mapping[str, Any],
+    target: torch.device,
+    source: str,
+    *,
+    factory: Any = None,
+    trust_code: bool = False,
+) -> torch.nn.Module:
+    """Build the recorded class or factory with ``model_args`` and load ``state`` into it on ``target``."""
+    return plan_model(info, factory=factory, trust_code=trust_code).build(state, target, source)
 
 
 def _required(cls: Any) -> list[str]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import math
 import random
 import re
@@ -21,6 +22,7 @@ from mlflow import MlflowClient
 from mlflow.entities import LoggedModelOutput, Metric, RunTag
 from mlflow.exceptions import MlflowException
 
+from mlflow_best import _signing as signing
 from mlflow_best._checkpoint import manifest_sha256
 from mlflow_best._criterion import Criterion
 from mlflow_best._writer import ArtifactOp, CheckpointOp, EndOp, MetricsOp, Op, TagsOp, discard_folder
@@ -30,6 +32,7 @@ TAG = "mlflow_best."
 V_EPOCH, V_MONITOR, V_MODE, V_VALUE, V_SHA, V_RUN = "epoch", "monitor", "mode", "value", "sha256", "run_id"
 V_PRUNED = TAG + "pruned"
 V_MODEL_ID = TAG + "model_id"
+MODEL_VERSIONS_TAG = "mlflow.modelVersions"  # MLflow's own (mlflow.utils.mlflow_tags.MLFLOW_MODEL_VERSIONS)
 
 
 def checkpoint_name(epoch: int, monitor: str, value: float) -> str:
@@ -58,6 +61,28 @@ def is_missing(error: MlflowException) -> bool:
     return error.error_code == "INVALID_PARAMETER_VALUE" and "not found" in error.message.lower()
 
 
+def link_version(client: MlflowClient, model_id: str, name: str, version: str) -> None:
+    """Tag the LoggedModel with its version the way ``mlflow.register_model`` does, so the UI shows it
+    registered (``mlflow.modelVersions``, a JSON list of ``{"name", "version"}``); idempotent.
+
+    ``create_model_version`` writes that tag through a tracking server but not on a database store;
+    an entry already there (any spelling of the version) is kept, not repeated.
+    """
+    tags = client.get_logged_model(model_id).tags or {}
+    try:
+        linked = json.loads(tags.get(MODEL_VERSIONS_TAG) or "[]")
+    except ValueError:
+        linked = []
+    if not isinstance(linked, list):
+        linked = []
+    new: dict[str, str] = {TAG + "version": version}
+    if not any(
+        isinstance(e, dict) and e.get("name") == name and str(e.get("version")) == version for e in linked
+    ):
+        new[MODEL_VERSIONS_TAG] = json.dumps([*linked, {"name": name, "version": int(version)}])
+    client.set_logged_model_tags(model_id, new)
+
+
 def ensure_registered_model(client: MlflowClient, name: str) -> None:
     """Create the registered model if it does not exist (safe against a concurrent creator)."""
     try:
@@ -78,10 +103,13 @@ def best_version(client: MlflowClient, name: str, monitor: str, criterion: Crite
     """The registered version with the best recorded value of ``monitor`` (earliest wins a tie)."""
     best: Any | None = None
     best_value = math.nan
+    secret = signing.key()
     for v in _all_versions(client, name):
         tags = v.tags or {}
         if tags.get(V_MONITOR) != monitor or tags.get(V_MODE) != criterion.mode or V_PRUNED in tags:
             continue
+        if secret is not None and not signing.tags_signed(secret, tags):
+            continue  # with a team key, only versions whose tags a key holder wrote can hold the alias
         try:
             value = float(tags[V_VALUE])
         except (KeyError, ValueError):
@@ -225,6 +253,9 @@ class Publisher:
             V_RUN: self.run_id,
             TAG + "checkpoint": op.name,
         }
+        secret = signing.key()
+        if secret is not None:
+            tags[signing.TAG] = signing.sign_tags(secret, tags)
         # A retry (the last attempt failed: its answer may have been lost after MLflow acted) or a
         # replay of another process's journal: look for what already exists before creating more.
         if p.get("tried") or op.timestamp_ms < self._since_ms:
@@ -279,7 +310,8 @@ class Publisher:
         if "version" in p:
             run_tags[TAG + "best_version"] = p["version"]
             if "model_tagged" not in p:
-                self.client.set_logged_model_tags(model_id, {TAG + "version": p["version"]})
+                assert self.registered_model is not None
+                link_version(self.client, model_id, self.registered_model, p["version"])
                 p["model_tagged"] = True
         self.client.log_batch(self.run_id, tags=[RunTag(k, v) for k, v in run_tags.items()])
         if self.keep is not None:

@@ -26,9 +26,11 @@ from mlflow_best._checkpoint import (
     MODEL_FILE,
     TRAINING_FILE,
     Manifest,
-    file_sha256,
     load_file,
+    load_verified,
+    open_checkpoint,
     read_manifest,
+    read_torch_file,
     verify_checkpoint,
 )
 from mlflow_best._config import home
@@ -38,15 +40,28 @@ from mlflow_best._errors import (
     CheckpointNotFoundError,
     ConfigError,
     TrackingStoreError,
+    UnsafeCheckpointError,
     UnsentError,
 )
 from mlflow_best._recipe import (
     load_model_state,
     load_optimizer_state,
+    plan_model,
     rebuild_model,
     rebuild_optimizer,
 )
-from mlflow_best._registry import TAG, V_MODEL_ID, V_PRUNED, V_SHA, Publisher, is_missing
+from mlflow_best._registry import (
+    TAG,
+    V_EPOCH,
+    V_MODEL_ID,
+    V_MONITOR,
+    V_PRUNED,
+    V_RUN,
+    V_SHA,
+    V_VALUE,
+    Publisher,
+    is_missing,
+)
 from mlflow_best._state import apply_rng, unwrap_model
 from mlflow_best._writer import CheckpointOp, Journal, MetricsOp, Op, describe, read_unsent
 
@@ -98,6 +113,8 @@ class _Source:
     run_id: str | None
     version: str | None = None
     model_id: str | None = None
+    # What MLflow says the checkpoint is (version or LoggedModel tags): the manifest must agree.
+    expect: Mapping[str, str] = field(default_factory=dict)
 
 
 def restore(
@@ -112,6 +129,8 @@ def restore(
     restore_rng: bool = False,
     cache_dir: str | os.PathLike[str] | None = None,
     generators: Mapping[str, torch.Generator] | None = None,
+    model_factory: Any = None,
+    trust_code: bool = False,
 ) -> Restored:
     """Load a checkpoint logged by ``track`` into live objects on ``device``.
 
@@ -128,6 +147,11 @@ def restore(
         cache_dir: the download cache (default ``$MLFLOW_BEST_HOME/cache``); keyed by sha256.
         generators: with ``restore_rng``, named ``torch.Generator`` objects (as passed to
             ``track(generators=...)``, e.g. a DataLoader's) to put the saved states back into.
+        model_factory: the factory the model was built with (``track(model_factory=...)``), to call
+            it even when it has no ``-> nn.Module`` return annotation.
+        trust_code: call the recorded factory on the checkpoint's word (Hugging Face's
+            ``trust_remote_code`` convention); off by default. Nothing is ever imported either way:
+            the module that defines the model must already be imported (``import mymodels``).
 
     Returns:
         A ``Restored`` with ``model``, ``optimizer``, ``scheduler``, ``scaler``, ``epoch``,
@@ -145,9 +169,10 @@ def restore(
         >>> r.model.eval(); r.epoch, r.metrics["val_loss"]  # doctest: +SKIP
     """
     target = _device(device)
+    cache = Path(cache_dir) if cache_dir else home() / "cache"
+    client: MlflowClient | None = None
     if isinstance(ref, os.PathLike) or (isinstance(ref, str) and Path(ref).is_dir()):
         folder = Path(ref)
-        verify_checkpoint(folder)
         source = _Source(artifact_uri=str(folder), sha256=None, run_id=None)
     elif isinstance(ref, str) and Path(ref).is_file():
         raise CheckpointError(
@@ -159,24 +184,20 @@ def restore(
     else:
         client = MlflowClient(tracking_uri=tracking_uri or mlflow.get_tracking_uri())
         source = _resolve(client, ref)
-        folder = fetch(client, source, Path(cache_dir) if cache_dir else home() / "cache")
-    manifest = read_manifest(folder)
-    model_state = load_file(folder / MODEL_FILE, target)
-    # The training state is read onto the CPU: optimizer.load_state_dict then moves each state to its
-    # parameter's device and keeps a non-capturable 'step' on the CPU, as torch wants it (a 'step'
-    # on the GPU costs a device sync per parameter per step); RNG states must be CPU tensors anyway.
-    training = load_file(folder / TRAINING_FILE, "cpu")
-    if not isinstance(model_state, Mapping) or not isinstance(training, Mapping):
-        raise CheckpointError(
-            f"{folder}: {MODEL_FILE} / {TRAINING_FILE} do not hold dicts; the checkpoint is damaged"
-        )
-    if model is not None:
-        net = model
-        inner = unwrap_model(net)
-        inner.to(target)
-        load_model_state(inner, model_state, source=str(folder / MODEL_FILE))
-    else:
-        net = inner = _rebuild_model(manifest, model_state, target, source=str(folder / MODEL_FILE))
+        folder = fetch(client, source, cache)
+    try:
+        loaded = _load_checkpoint(folder, source, target, model, model_factory, trust_code)
+    except UnsafeCheckpointError:
+        raise
+    except CheckpointError:
+        if client is None or folder.parent != cache:
+            raise
+        # A cache entry that no longer matches what it was verified as (changed on this machine):
+        # set it aside and load a fresh download, never the changed bytes.
+        _evict(folder, cache)
+        folder = fetch(client, source, cache)
+        loaded = _load_checkpoint(folder, source, target, model, model_factory, trust_code)
+    manifest, net, inner, training = loaded
     opt = optimizer
     saved_opt = training.get("optimizer")
     if opt is None and saved_opt is not None and manifest.data.get("optimizer"):
@@ -205,6 +226,46 @@ def restore(
         manifest=manifest.data,
         training_state=dict(training),
     )
+
+
+def _load_checkpoint(
+    folder: Path,
+    source: _Source,
+    target: torch.device,
+    model: torch.nn.Module | None,
+    factory: Any,
+    trust_code: bool,
+) -> tuple[Manifest, torch.nn.Module, torch.nn.Module, Mapping[str, Any]]:
+    """Read a checkpoint the safe way round: identity, then bounds, then the verified bytes."""
+    manifest = open_checkpoint(folder, source.sha256)
+    check_identity(manifest, source)
+    model_entry = manifest.files[MODEL_FILE]
+    model_bytes = read_torch_file(folder / MODEL_FILE, model_entry)
+    plan = None
+    if model is None:
+        # Built on the meta device and checked against the weights file before anything is
+        # allocated or read: a recipe that would allocate gigabytes is refused here.
+        plan = plan_model(manifest.data["model"], factory=factory, trust_code=trust_code)
+        plan.check_size(str(folder / MODEL_FILE), int(model_entry["bytes"]),
+                        manifest.data["model"].get("parameters"))
+    model_state = load_file(folder / MODEL_FILE, target, data=model_bytes)
+    # The training state is read onto the CPU: optimizer.load_state_dict then moves each state to its
+    # parameter's device and keeps a non-capturable 'step' on the CPU, as torch wants it (a 'step'
+    # on the GPU costs a device sync per parameter per step); RNG states must be CPU tensors anyway.
+    training = load_verified(folder / TRAINING_FILE, manifest.files[TRAINING_FILE], "cpu")
+    if not isinstance(model_state, Mapping) or not isinstance(training, Mapping):
+        raise CheckpointError(
+            f"{folder}: {MODEL_FILE} / {TRAINING_FILE} do not hold dicts; the checkpoint is damaged"
+        )
+    if model is not None:
+        net = model
+        inner = unwrap_model(net)
+        inner.to(target)
+        load_model_state(inner, model_state, source=str(folder / MODEL_FILE))
+    else:
+        assert plan is not None
+        net = inner = plan.build(model_state, target, str(folder / MODEL_FILE))
+    return manifest, net, inner, training
 
 
 def _device(device: str | torch.device) -> torch.device:
@@ -288,7 +349,7 @@ def _from_version(client: MlflowClient, mv: Any) -> _Source:
         )
     src = _from_logged_model(client, model_id)
     sha256 = (mv.tags or {}).get(V_SHA) or src.sha256
-    return _Source(src.artifact_uri, sha256, src.run_id, str(mv.version), model_id)
+    return _Source(src.artifact_uri, sha256, src.run_id, str(mv.version), model_id, _expected(mv.tags))
 
 
 def _from_logged_model(client: MlflowClient, model_id: str) -> _Source:
@@ -297,7 +358,45 @@ def _from_logged_model(client: MlflowClient, model_id: str) -> _Source:
         raise CheckpointNotFoundError(
             f"logged model {model_id} ({lm.name}) was pruned by track(keep=...): its files were deleted"
         )
-    return _Source(lm.artifact_location, (lm.tags or {}).get(V_SHA), lm.source_run_id, None, model_id)
+    return _Source(
+        lm.artifact_location, (lm.tags or {}).get(V_SHA), lm.source_run_id, None, model_id, _expected(lm.tags)
+    )
+
+
+def _expected(tags: Mapping[str, str] | None) -> dict[str, str]:
+    return {k: v for k, v in (tags or {}).items() if k in (V_EPOCH, V_VALUE, V_MONITOR, V_RUN)}
+
+
+def check_identity(manifest: Manifest, source: _Source) -> None:
+    """Refuse a checkpoint whose manifest says it is another one than MLflow says (a redirected source,
+    a rewritten tag): the run it belongs to, its epoch, monitor and value."""
+    data, where = manifest.data, manifest.path / MANIFEST
+    owner = data.get("run_id")
+    if source.run_id and owner and owner != source.run_id:
+        raise CheckpointError(
+            f"{where}: this checkpoint belongs to run {owner}, not {source.run_id} as MLflow's records say "
+            "(a version source or tag was redirected); it was not loaded"
+        )
+    mine_of = {V_EPOCH: data.get("epoch"), V_VALUE: data.get("value"), V_MONITOR: data.get("monitor"),
+               V_RUN: owner}
+    for key, mine in mine_of.items():
+        if key not in source.expect:
+            continue
+        tag = source.expect[key]
+        try:
+            if key == V_EPOCH:
+                agree = int(tag) == mine
+            elif key == V_VALUE:
+                agree = mine is not None and float(tag) == float(mine)
+            else:
+                agree = mine is None or tag == mine
+        except (TypeError, ValueError):
+            agree = False
+        if not agree:
+            raise CheckpointError(
+                f"{where}: MLflow's tag {key}={source.expect[key]!r} disagrees with the manifest's {mine!r}: "
+                "the tags or the files were changed; it was not loaded"
+            )
 
 
 def _resolve_run(client: MlflowClient, run_id: str) -> _Source:
@@ -345,19 +444,21 @@ def _staged_best(run_id: str) -> Path | None:
 
 # -- download cache ---------------------------------------------------------------------------------
 def fetch(client: MlflowClient, source: _Source, cache: Path) -> Path:
-    """A verified local copy of ``source``: from the cache when its files are unchanged, else downloaded."""
+    """A local copy of ``source``: from the cache when complete, else downloaded into it.
+
+    Nothing here is trusted for loading: the loader hashes the bytes it reads against the manifest,
+    and the manifest against what MLflow recorded. The cache only saves downloads; it lives in a
+    ``0700`` folder with read-only files.
+    """
     if source.sha256 is None and os.path.isdir(source.artifact_uri):
-        # A local staged copy with no recorded hash: verified in place against its manifest.
-        folder = Path(source.artifact_uri)
-        verify_checkpoint(folder)
-        return folder
+        return Path(source.artifact_uri)  # a local staged copy: verified by the loader, in place
     if source.sha256:
         cached = cache / source.sha256
-        if _cache_hit(cached):
+        if cache_hit(cached):
             return cached
     # MLflow's per-file progress bar is noise in logs and notebooks; a user's own setting wins.
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    cache.mkdir(parents=True, exist_ok=True)
+    private_dir(cache)
     _sweep_leftovers(cache)
     tmp = cache / f".download-{uuid.uuid4().hex[:8]}"
     local = tmp
@@ -370,17 +471,17 @@ def fetch(client: MlflowClient, source: _Source, cache: Path) -> Path:
         )
         if not (local / MANIFEST).is_file() and (local / "artifacts" / MANIFEST).is_file():
             local, stored = local / "artifacts", stored + "/artifacts"
-        manifest = verify_checkpoint(local)
-        actual = file_sha256(local / MANIFEST)
-        if source.sha256 and actual != source.sha256:
+        manifest = read_manifest(local)
+        check_identity(manifest, source)
+        if source.sha256 and manifest.sha256 != source.sha256:
             raise CheckpointError(
-                f"{local / MANIFEST} has sha256 {actual[:12]}…, but MLflow recorded "
-                f"{source.sha256[:12]}… for "
-                "this checkpoint: the stored manifest was changed; it was not loaded"
+                f"{local / MANIFEST} has sha256 {manifest.sha256[:12]}…, but MLflow recorded "
+                f"{source.sha256[:12]}… for this checkpoint: the stored manifest was changed; "
+                "it was not loaded"
             )
-        final = cache / actual
-        _write_stamp(local, manifest)
-        return _publish_to_cache(local, final, cache)
+        _check_sizes(local, manifest)
+        seal(local)
+        return _publish_to_cache(local, cache / manifest.sha256, cache)
     except CheckpointError as e:
         # Name the file where it is stored, not in the temporary download folder removed below.
         raise type(e)(str(e).replace(str(local), stored)) from e
@@ -388,6 +489,39 @@ def fetch(client: MlflowClient, source: _Source, cache: Path) -> Path:
         raise TrackingStoreError(f"downloading {source.artifact_uri} failed: {e.message}") from e
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def private_dir(path: Path) -> None:
+    """Create ``path`` (and parents) readable by this user only."""
+    path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    with contextlib.suppress(OSError):
+        path.chmod(0o700)
+
+
+def seal(folder: Path) -> None:
+    """Make a downloaded checkpoint's files read-only before it joins the cache."""
+    for f in folder.rglob("*"):
+        if f.is_file():
+            with contextlib.suppress(OSError):
+                f.chmod(0o444)
+
+
+def _check_sizes(folder: Path, manifest: Manifest, names: list[str] | None = None) -> None:
+    listed = manifest.all_files
+    for name in names if names is not None else list(listed):
+        path = folder / name
+        if not path.is_file():
+            raise CheckpointError(f"{path} is missing; the checkpoint is incomplete")
+        if path.stat().st_size != listed[name]["bytes"]:
+            raise CheckpointError(
+                f"{path} is {path.stat().st_size} bytes, the manifest says {listed[name]['bytes']}: the file "
+                "is truncated or was changed; restore another version or re-download it"
+            )
+
+
+def _evict(folder: Path, cache: Path) -> None:
+    with contextlib.suppress(OSError):
+        os.replace(folder, cache / f".stale-{uuid.uuid4().hex[:8]}")
 
 
 def _sweep_leftovers(cache: Path, age_s: float = 3600.0) -> None:
@@ -407,7 +541,7 @@ def _publish_to_cache(local: Path, final: Path, cache: Path) -> Path:
     reader that already holds it keeps reading whole files.
     """
     for _ in range(3):
-        if _cache_hit(final):
+        if cache_hit(final):
             return final
         if final.exists():
             with contextlib.suppress(OSError):
@@ -417,36 +551,21 @@ def _publish_to_cache(local: Path, final: Path, cache: Path) -> Path:
             return final
         except OSError:
             continue  # another process put its copy there first: check it on the next pass
-    if _cache_hit(final):
+    if cache_hit(final):
         return final
     raise CheckpointError(f"{final}: the download cache kept changing under this process; retry restore")
 
 
-def _write_stamp(folder: Path, manifest: Manifest) -> None:
-    stamp = {
-        name: [(folder / name).stat().st_size, (folder / name).stat().st_mtime_ns]
-        for name in [*manifest.files, MANIFEST]
-    }
-    (folder / _VERIFIED).write_text(json.dumps(stamp), encoding="utf-8")
-
-
-def _cache_hit(folder: Path) -> bool:
-    """A cached folder counts only if every file still has the size and mtime it had when verified.
-
-    Re-hashing 100 MB costs as much as loading it; a changed file changes its mtime, so it is
-    re-verified (and a mismatch means a fresh download), while an untouched one is not read twice.
-    """
-    stamp_path = folder / _VERIFIED
-    if not stamp_path.is_file():
-        return False
+def cache_hit(folder: Path, names: list[str] | None = None) -> bool:
+    """A cached folder is used when its manifest still hashes to the folder's name and the files are
+    all there at their declared sizes; their contents are hashed by the loader, at every load."""
     try:
-        stamp = json.loads(stamp_path.read_text(encoding="utf-8"))
-        for name, (size, mtime) in stamp.items():
-            st = (folder / name).stat()
-            if st.st_size != size or st.st_mtime_ns != mtime:
-                return False
-        return file_sha256(folder / MANIFEST) == folder.name
-    except (OSError, ValueError, TypeError):
+        manifest = read_manifest(folder)
+        if manifest.sha256 != folder.name:
+            return False
+        _check_sizes(folder, manifest, names)
+        return True
+    except (OSError, CheckpointError):
         return False
 
 
@@ -490,7 +609,21 @@ def latest_checkpoint(client: MlflowClient, run_id: str) -> tuple[Any, Any] | No
                 stacklevel=3,
             )
             continue
-        return load_file(folder / MODEL_FILE, "cpu"), load_file(folder / TRAINING_FILE, "cpu")
+        try:
+            manifest = open_checkpoint(folder, src.sha256)
+            check_identity(manifest, src)
+            return (
+                load_verified(folder / MODEL_FILE, manifest.files[MODEL_FILE], "cpu"),
+                load_verified(folder / TRAINING_FILE, manifest.files[TRAINING_FILE], "cpu"),
+            )
+        except UnsafeCheckpointError:
+            raise  # refused, not skipped: an attack is not a damaged file
+        except CheckpointError as e:
+            warnings.warn(
+                f"mlflow_best: skipping a damaged checkpoint while resuming: {e}",
+                RuntimeWarning,
+                stacklevel=3,
+            )
     return None
 
 

@@ -11,7 +11,7 @@ import tempfile
 import time
 import uuid
 import warnings
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -30,6 +30,7 @@ from mlflow_best import _lifecycle as lifecycle
 from mlflow_best._config import TrackConfig, check_key, home
 from mlflow_best._errors import ConfigError, MetricError, MlflowBestError, TrackingStoreError, UnsentError
 from mlflow_best._plot import EpochPoint, plot_filename, render_metric_plot
+from mlflow_best._pyfunc import ModelFiles
 from mlflow_best._recipe import (
     OptimizerRecipe,
     check_model_recipe,
@@ -93,6 +94,8 @@ class Run:
         scaler: Any = None,
         generators: Mapping[str, torch.Generator] | None = None,
         model_factory: Any = None,
+        input_example: Any = None,
+        code_paths: Sequence[str | os.PathLike[str]] | None = None,
     ) -> None:
         if not isinstance(model, torch.nn.Module):
             raise ConfigError(f"model={type(model).__name__} must be a torch.nn.Module")
@@ -107,6 +110,9 @@ class Run:
         # Found here, not at restore in another program days later: model_args that do not fit, a
         # model its recorded class cannot rebuild (warned once).
         check_model_recipe(model, model_factory, config.model_args, warn=self._leader)
+        # Once, here: the signature costs a forward pass, and a bad example or path fails before any
+        # run exists. Every checkpoint's MLmodel is rendered from this by the disk thread.
+        self._model_files = ModelFiles.for_run(unwrap_model(model), input_example, code_paths)
         self.model = model
         self.optimizer = optimizer
         self._optimizer_recipe = OptimizerRecipe(model)
@@ -216,7 +222,7 @@ class Run:
             on_registered=self._on_registered,
             keep=cfg.keep,
         )
-        self._pipeline = Pipeline(journal, publisher)
+        self._pipeline = Pipeline(journal, publisher, extra_files=self._model_files)
         if cfg.resume is not None:
             try:
                 self._load_latest(client)
@@ -772,7 +778,7 @@ def _warn_relogged(run_id: str, start_epoch: int, logged_until: int | None, save
     )
     warnings.warn(
         f"mlflow_best: run {run_id} resumes at epoch {start_epoch} (after its newest checkpoint), but "
-        f"{epochs} already logged; they are trained and logged again, so MLflow keeps two rows of each. "
+        f"{epochs} already logged; they are trained and logged again (MLflow keeps both rows). "
         f"To avoid it, {fix}",
         RuntimeWarning,
         stacklevel=5,

@@ -26,7 +26,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from mlflow_best._checkpoint import write_checkpoint
+from mlflow_best._checkpoint import ExtraFiles, write_checkpoint
+from mlflow_best._errors import CheckpointError
 from mlflow_best._state import Snapshot
 
 JOURNAL = "journal.jsonl"
@@ -103,7 +104,13 @@ def describe(op: Op) -> str:
 
 
 def read_unsent(staging: Path) -> list[Op]:
-    """The journaled operations of a staging folder that MLflow has not confirmed, in order."""
+    """The journaled operations of a staging folder that MLflow has not confirmed, in order.
+
+    A torn last line (a process killed mid-write) is skipped: that operation was never handed to the
+    pipeline. Any other line that does not parse, or whose fields have the wrong types, or whose
+    files lie outside the staging folder, is a ``CheckpointError`` naming the line and the field:
+    replaying it could upload a file that is not the run's.
+    """
     journal = staging / JOURNAL
     if not journal.is_file():
         return []
@@ -112,18 +119,63 @@ def read_unsent(staging: Path) -> list[Op]:
         for line in (staging / SENT).read_text(encoding="utf-8").splitlines():
             try:
                 sent.add(int(json.loads(line)["seq"]))
-            except (ValueError, KeyError, TypeError):
+            except (ValueError, KeyError, TypeError, RecursionError):
                 continue  # a torn last line from a killed process
     ops: list[Op] = []
-    for line in journal.read_text(encoding="utf-8").splitlines():
+    lines = journal.read_text(encoding="utf-8", errors="replace").splitlines()
+    root = staging.resolve()
+    for number, line in enumerate(lines, 1):
         try:
             raw = json.loads(line)
             op = _OP_TYPES[raw["type"]](**raw)
-        except (ValueError, KeyError, TypeError):
-            continue  # a torn last line: that operation was never handed to the pipeline
+        except (ValueError, KeyError, TypeError, RecursionError) as e:
+            if number == len(lines):
+                continue  # a torn last line: that operation was never handed to the pipeline
+            raise CheckpointError(
+                f"{journal} line {number} is not a journal record ({type(e).__name__}: {str(e)[:100]}); "
+                "the staging folder was damaged or edited. Remove that line to replay the rest"
+            ) from e
+        _check_op(op, journal, number, root)
         if op.seq not in sent:
             ops.append(op)
     return ops
+
+
+_FIELD_TYPES: dict[str, type | tuple[type, ...]] = {
+    "seq": int,
+    "epoch": int,
+    "metrics": dict,
+    "timestamp_ms": int,
+    "name": str,
+    "value": (int, float),
+    "folder": str,
+    "tags": dict,
+    "status": str,
+    "path": str,
+    "artifact_path": str,
+}
+
+
+def _check_op(op: Op, journal: Path, number: int, root: Path) -> None:
+    for name, kind in _FIELD_TYPES.items():
+        value = getattr(op, name, None)
+        if hasattr(op, name) and (not isinstance(value, kind) or isinstance(value, bool)):
+            raise CheckpointError(
+                f"{journal} line {number}: field {name!r} is {str(value)[:80]!r}, expected "
+                f"{getattr(kind, '__name__', kind)}; the staging folder was damaged or edited"
+            )
+    if isinstance(op, CheckpointOp) and op.kind not in ("best", "last"):
+        raise CheckpointError(f"{journal} line {number}: field 'kind' is {op.kind!r}, expected best or last")
+    inside = {"folder": root / "checkpoints"} if isinstance(op, CheckpointOp) else (
+        {"path": root} if isinstance(op, ArtifactOp) else {}
+    )
+    for name, parent in inside.items():
+        target = Path(getattr(op, name)).resolve()
+        if not target.is_relative_to(parent) or target == parent:
+            raise CheckpointError(
+                f"{journal} line {number}: field {name!r} names {getattr(op, name)!r}, which is outside the "
+                f"run's staging folder {parent}; only files inside it are ever uploaded. Refused"
+            )
 
 
 class Journal:
@@ -211,9 +263,11 @@ class Pipeline:
         journal: Journal,
         publish: Callable[[Op], None],
         on_warning: Callable[[str], None] | None = None,
+        extra_files: ExtraFiles | None = None,
     ) -> None:
         self.journal = journal
         self._publish = publish
+        self._extra_files = extra_files
         self._warn = on_warning or (lambda msg: warnings.warn(msg, RuntimeWarning, stacklevel=2))
         self._disk_q: queue.Queue[Any] = queue.Queue()
         self._up_q: queue.Queue[Any] = queue.Queue()
@@ -253,7 +307,9 @@ class Pipeline:
             try:
                 job.snapshot.ready()
                 snap = job.snapshot
-                path = write_checkpoint(job.parent, job.name, snap.model, snap.training, job.meta)
+                path = write_checkpoint(
+                    job.parent, job.name, snap.model, snap.training, job.meta, extra=self._extra_files
+                )
                 job.done.set_result(path)
             except BaseException as e:  # surfaced by the upload thread as a warning, never swallowed
                 job.done.set_exception(e)

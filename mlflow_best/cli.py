@@ -61,9 +61,22 @@ class _Group(click.Group):
             _fail(f"MLflow refused the call: {e.message}")
 
 
+def _printable(text: str) -> str:
+    """``text`` with terminal control characters escaped: names and tags come from the store, and a
+    hostile writer could put escape sequences there that rewrite or hide what the terminal shows."""
+    return "".join(
+        c if c in "\n\t" or not (ord(c) < 32 or 0x7F <= ord(c) <= 0x9F) else f"\\x{ord(c):02x}"
+        for c in text
+    )
+
+
+def _echo(text: str, err: bool = False) -> None:
+    click.echo(_printable(text), err=err)
+
+
 def _fail(message: str) -> NoReturn:
     first = message.strip().splitlines()[0] if message.strip() else "failed"
-    click.echo(f"error: {first}", err=True)
+    _echo(f"error: {first}", err=True)
     sys.exit(1)
 
 
@@ -145,7 +158,7 @@ def runs(experiment: str | None, tracking_uri: str | None) -> None:
         ids = list(experiments)
     found = mlflow.search_runs(ids, filter_string=f"tags.`{TAG}monitor` != ''", output_format="list")
     if not found:
-        click.echo("no runs tracked by mlflow_best here; train one with `mlflow-best demo` or track()")
+        _echo("no runs tracked by mlflow_best here; train one with `mlflow-best demo` or track()")
         return
     aliases: dict[tuple[str, str], list[str]] = {}
     key = TAG + "registered_model"
@@ -178,7 +191,7 @@ def runs(experiment: str | None, tracking_uri: str | None) -> None:
                               mr[1]["best"] if mr[0] == "min" else -mr[1]["best"]))
     for _, row in rows:
         row["best"] = "-" if math.isnan(row["best"]) else f"{row['best']:.4f}"
-    click.echo(_table([row for _, row in rows], right={"best", "epoch"}))
+    _echo(_table([row for _, row in rows], right={"best", "epoch"}))
 
 
 def _table(rows: list[dict[str, Any]], right: set[str]) -> str:
@@ -201,8 +214,20 @@ def _table(rows: list[dict[str, Any]], right: set[str]) -> str:
               help="Also write the weights as a plain state_dict: FILE.pt (torch.save) or "
                    "FILE.safetensors (needs `pip install safetensors`).")
 @click.option("--tracking-uri", default=None, help=_URI_HELP)
-def restore(ref: str, device: str, out: str | None, tracking_uri: str | None) -> None:
-    """Restore the checkpoint REF, verify it, load it onto --device, and report what it is.
+@click.option("--import", "imports", multiple=True, metavar="MODULE",
+              help="Import this module first (the one that defines the model); restore never imports what "
+                   "a checkpoint names. Repeatable.")
+@click.option("--trust-code", is_flag=True,
+              help="Call the checkpoint's recorded model_factory even without a -> nn.Module annotation.")
+def restore(
+    ref: str,
+    device: str,
+    out: str | None,
+    tracking_uri: str | None,
+    imports: tuple[str, ...],
+    trust_code: bool,
+) -> None:
+    """Load the model of checkpoint REF (weights only, verified) onto --device, and report what it is.
 
     \b
     REF is one of:
@@ -211,27 +236,37 @@ def restore(ref: str, device: str, out: str | None, tracking_uri: str | None) ->
       models:/NAME/VERSION       a registered version
       a local checkpoint folder  as written by track()
 
-    The model is rebuilt from the class and model_args recorded at training time, so that class
-    must be importable here.
+    The model is rebuilt from the class and model_args recorded at training time. Nothing the
+    checkpoint names is imported: name the module that defines the model with --import mymodels.
+    Only the weights are downloaded and read (as mlflow_best.load_model): the optimizer and
+    training state are left alone, so this works where they cannot be rebuilt.
     """
-    import mlflow_best
+    from mlflow_best._pyfunc import load_for_inference
 
     writer = _out_writer(out) if out else None
     _use_store(tracking_uri, must_exist=not Path(ref).is_dir())
-    r = mlflow_best.restore(ref, device=device)
+    import importlib
+
+    for module in imports:
+        try:
+            importlib.import_module(module)
+        except ImportError as e:
+            raise click.ClickException(f"--import {module}: cannot be imported here ({e})") from e
+    r = load_for_inference(ref, device=device, trust_code=trust_code)
+    manifest = r.manifest.data
     params = sum(p.numel() for p in r.model.parameters())
     where = f"run {r.run_id}" + (f", version {r.version}" if r.version else "")
-    click.echo(f"restored {type(r.model).__name__} ({params:,} parameters) from epoch {r.epoch} of {where}, "
-               f"onto {device}")
-    click.echo("  metrics     " + "  ".join(f"{k}={v:.4f}" for k, v in r.metrics.items()))
-    model_info = r.manifest.get("model") or {}
-    click.echo(f"  monitor     {r.manifest.get('monitor')} ({r.manifest.get('mode')})")
-    click.echo(f"  model       {model_info.get('class')}  args={model_info.get('args')}")
-    click.echo(f"  verified    {r.path}")
+    _echo(f"restored {type(r.model).__name__} ({params:,} parameters) from epoch {r.manifest.epoch} of "
+               f"{where}, onto {device}")
+    _echo("  metrics     " + "  ".join(f"{k}={float(v):.4f}" for k, v in manifest["metrics"].items()))
+    model_info = manifest.get("model") or {}
+    _echo(f"  monitor     {manifest.get('monitor')} ({manifest.get('mode')})")
+    _echo(f"  model       {model_info.get('class')}  args={model_info.get('args')}")
+    _echo(f"  verified    {r.folder}")
     if writer is not None and out is not None:
         state = {k: v.detach().cpu().contiguous().clone() for k, v in r.model.state_dict().items()}
         _write_atomic(Path(out), lambda tmp: writer(state, tmp))
-        click.echo(f"  wrote       {out} ({len(state)} tensors, {Path(out).stat().st_size:,} bytes)")
+        _echo(f"  wrote       {out} ({len(state)} tensors, {Path(out).stat().st_size:,} bytes)")
 
 
 def _out_writer(out: str) -> Any:
@@ -296,7 +331,7 @@ def promote(name: str, version: int | None, best: bool, alias: str, tracking_uri
         raise click.UsageError("pass --version V or --best, not both")
     _use_store(tracking_uri, must_exist=True)
     p = mlflow_best.promote(name, version=version, alias=alias)
-    click.echo(str(p))
+    _echo(str(p))
 
 
 @main.command(short_help="Upload what a run could not send to MLflow.")
@@ -312,7 +347,7 @@ def sync(run_id: str, staging_dir: str | None, tracking_uri: str | None) -> None
 
     n = mlflow_best.sync(run_id, tracking_uri=tracking_uri, staging_dir=staging_dir)
     done = f"nothing to send: MLflow has all of run {run_id}"
-    click.echo(f"sent {n} item(s) of run {run_id}" if n else done)
+    _echo(f"sent {n} item(s) of run {run_id}" if n else done)
 
 
 def _float(raw: str | None) -> float:

@@ -54,3 +54,14 @@ def run_sequence(
                 snapshots[epoch] = {k: v.clone() for k, v in model.state_dict().items()}
             run.log_epoch(epoch, {"train_loss": 1.0 / (epoch + 1), "val_loss": values[epoch]})
     return run, model, opt
+
+
+class PairNet(nn.Module):
+    """Two named inputs, two named outputs: the dict case of serving."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"sum": self.fc(a + b), "diff": self.fc(a - b)}

@@ -21,6 +21,14 @@ from tests.helpers import TinyNet, train_step, unique
 TAG = "mlflow_best."
 
 
+@pytest.fixture(autouse=True)
+def _fresh_warnings() -> None:
+    """track warns once per process and class; each test here starts as a new process would."""
+    from mlflow_best import _recipe
+
+    _recipe._WARNED.clear()
+
+
 def _runs(client: MlflowClient) -> list[Any]:
     exps = [e.experiment_id for e in client.search_experiments()]
     return client.search_runs(exps)
@@ -237,7 +245,7 @@ def test_restore_checks_the_rebuilt_architecture_and_names_the_class(sqlite_uri:
     (copy_dir / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(
         mlflow_best.ArchitectureMismatchError,
-        match=r"rebuilt from the manifest \(tests.helpers:TinyNet\(\*\*\{'hidden': 16\}\)\).*mis-shaped",
+        match=r"rebuilt from the manifest \(tests.helpers:TinyNet\(\*\*\{'hidden': 16\}\)\).*58",
     ):
         mlflow_best.restore(str(copy_dir))
 
