@@ -14,7 +14,8 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH_SPEC)
-	$(PY) -m pip install -q -e ".[test]"
+	# torch pinned again on the same line so resolving the extras (lightning, transformers) can never replace it.
+	$(PY) -m pip install -q $(TORCH_SPEC) -e ".[test,lightning,transformers]"
 	touch $@
 
 demo: install
