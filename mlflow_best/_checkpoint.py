@@ -448,12 +448,13 @@ def max_load_bytes() -> int:
     return value
 
 
-def read_verified(path: Path, entry: dict[str, Any]) -> bytes:
+def read_verified(path: Path, entry: dict[str, Any], seal: Any = None) -> bytes:
     """The bytes of ``path``, refused unless they are exactly the size and sha256 the manifest declares.
 
     The file is opened once: its size is checked before anything is read, then the bytes read are
     hashed and returned, so what was verified is what the caller loads (a file swapped after the
-    check cannot be loaded in its place).
+    check cannot be loaded in its place). ``seal`` (a cache entry's ``_cache.Seal``) skips the hash
+    when the descriptor read is provably the file hashed before, and records it after a hash.
     """
     declared = int(entry["bytes"])
     limit = max_load_bytes()
@@ -464,23 +465,35 @@ def read_verified(path: Path, entry: dict[str, Any]) -> bytes:
         )
     try:
         with open(path, "rb") as f:
-            size = os.fstat(f.fileno()).st_size
-            if size != declared:
+            before = os.fstat(f.fileno())
+            if before.st_size != declared:
                 raise CheckpointError(
-                    f"{path} is {size} bytes, the manifest says {declared}: the file is truncated or was "
-                    "changed; restore another version or re-download it"
+                    f"{path} is {before.st_size} bytes, the manifest says {declared}: the file is truncated "
+                    "or was changed; restore another version or re-download it"
                 )
             data = f.read(declared + 1)
+            after = os.fstat(f.fileno())
     except FileNotFoundError as e:
         raise CheckpointError(f"{path} is missing; the checkpoint is incomplete") from e
     if len(data) != declared:
         raise CheckpointError(f"{path} changed size while it was read; it was not loaded")
+    if seal is not None and seal.holds(path.name, entry["sha256"], before, after):
+        return data
     if hashlib.sha256(data).hexdigest() != entry["sha256"]:
         raise CheckpointError(
             f"{path} fails its checksum (sha256 differs from the manifest): the file was changed or "
             "corrupted; it was not loaded"
         )
+    if seal is not None and _identity_same(before, after):
+        seal.add(path.name, entry["sha256"], after)
     return data
+
+
+def _identity_same(a: os.stat_result, b: os.stat_result) -> bool:
+    def ident(st: os.stat_result) -> tuple[int, ...]:
+        return (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+    return ident(a) == ident(b)
 
 
 def check_torch_zip(data: bytes, path: Path) -> None:
@@ -507,13 +520,63 @@ def check_torch_zip(data: bytes, path: Path) -> None:
         )
 
 
-def read_torch_file(path: Path, entry: dict[str, Any]) -> bytes:
+def read_torch_file(path: Path, entry: dict[str, Any], seal: Any = None) -> bytes:
     """The verified bytes of one torch file of a checkpoint, refused if crafted to inflate."""
-    data = read_verified(path, entry)
+    data = read_verified(path, entry, seal)
     check_torch_zip(data, path)
     return data
 
 
-def load_verified(path: Path, entry: dict[str, Any], map_location: Any) -> Any:
+class TorchFile:
+    """One torch file of a checkpoint, checked before it is loaded; ``load`` returns its content.
+
+    Cold (not sealed in the cache): read once, hashed, zip-checked, and loaded from those bytes.
+    Warm (a cache entry sealed after an earlier hash): loaded straight from the open descriptor,
+    which ``fstat`` shows before and after to be the very file that was hashed and unchanged since
+    (a rename gives another inode, a write another change time); if it changed, the bytes are read
+    and hashed after all. Either way, what is loaded is what was verified.
+    """
+
+    def __init__(self, path: Path, entry: dict[str, Any], seal: Any = None) -> None:
+        self.path, self.entry, self.seal = path, entry, seal
+        self._data: bytes | None = None
+        self._warm = False
+        declared = int(entry["bytes"])
+        if seal is not None and declared <= max_load_bytes():
+            try:
+                st: os.stat_result | None = os.stat(path)
+            except OSError:
+                st = None
+            sha = entry["sha256"]
+            self._warm = st is not None and st.st_size == declared and seal.holds(path.name, sha, st, st)
+        if not self._warm:
+            self._data = read_torch_file(path, entry, seal)
+
+    def load(self, map_location: Any) -> Any:
+        if self._data is not None:
+            return load_file(self.path, map_location, data=self._data)
+        with open(self.path, "rb") as f:
+            before = os.fstat(f.fileno())
+            if self.seal.holds(self.path.name, self.entry["sha256"], before, before):
+                obj = _load_open(f, self.path, map_location)
+                if self.seal.holds(self.path.name, self.entry["sha256"], before, os.fstat(f.fileno())):
+                    return obj
+        self._data = read_torch_file(self.path, self.entry, None)
+        return load_file(self.path, map_location, data=self._data)
+
+
+def _load_open(f: Any, path: Path, map_location: Any) -> Any:
+    try:
+        return torch.load(f, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise UnsafeCheckpointError(
+            f"{path} was refused: loading it would execute code (it is not plain tensors and "
+            f"containers). Detail: {_unpickling_reason(e)}"
+        ) from e
+    except (RuntimeError, zipfile.BadZipFile, EOFError) as e:
+        raise CheckpointError(f"{path} cannot be read as a torch file ({e}); the file is damaged") from e
+
+
+def load_verified(path: Path, entry: dict[str, Any], map_location: Any, seal: Any = None) -> Any:
     """Read, verify and load one file of a checkpoint, from the verified bytes only."""
-    return load_file(path, map_location, data=read_torch_file(path, entry))
+    return TorchFile(path, entry, seal).load(map_location)

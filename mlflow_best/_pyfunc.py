@@ -38,6 +38,7 @@ import yaml
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
+from mlflow_best._cache import Seal
 from mlflow_best._checkpoint import (
     CODE_DIR,
     FORMAT_VERSION,
@@ -45,10 +46,9 @@ from mlflow_best._checkpoint import (
     MODEL_FILE,
     TRAINING_FILE,
     Manifest,
-    load_file,
+    TorchFile,
     open_checkpoint,
     read_manifest,
-    read_torch_file,
     verify_checkpoint,
 )
 from mlflow_best._config import home
@@ -325,6 +325,7 @@ def load_weights(
     *,
     serving: bool = False,
     trust_code: bool = False,
+    cached: bool = False,
 ) -> tuple[Manifest, torch.nn.Module]:
     """The model of a checkpoint folder, rebuilt from its manifest, on ``device``, in eval mode.
 
@@ -343,10 +344,10 @@ def load_weights(
     if serving:
         _import_recorded(info)
     entry = manifest.files[MODEL_FILE]
-    data = read_torch_file(folder / MODEL_FILE, entry)
+    weights = TorchFile(folder / MODEL_FILE, entry, Seal(folder) if cached else None)
     plan = plan_model(info, trust_code=serving or trust_code)
     plan.check_size(str(folder / MODEL_FILE), int(entry["bytes"]), info.get("parameters"))
-    state = load_file(folder / MODEL_FILE, device, data=data)
+    state = weights.load(device)
     if not isinstance(state, Mapping):
         raise CheckpointError(f"{folder / MODEL_FILE} does not hold a state_dict; the checkpoint is damaged")
     return manifest, plan.build(state, device, str(folder / MODEL_FILE)).eval()
@@ -467,14 +468,22 @@ def load_for_inference(
     cache = Path(cache_dir) if cache_dir else home() / "cache"
     folder = _fetch_weights(client, source, cache)
     try:
-        manifest, model = load_weights(folder, target, source, trust_code=trust_code)
+        manifest, model = load_weights(
+            folder, target, source, trust_code=trust_code, cached=_in_cache(folder, cache)
+        )
     except CheckpointError:
         if folder.parent not in (cache, cache / "weights"):
             raise
         _evict(folder, folder.parent)  # changed on this machine since it was cached: download again
         folder = _fetch_weights(client, source, cache)
-        manifest, model = load_weights(folder, target, source, trust_code=trust_code)
+        manifest, model = load_weights(
+            folder, target, source, trust_code=trust_code, cached=_in_cache(folder, cache)
+        )
     return Loaded(model, manifest, folder, source.run_id or manifest.data.get("run_id"), source.version)
+
+
+def _in_cache(folder: Path, cache: Path) -> bool:
+    return folder.parent in (cache, cache / "weights")
 
 
 def _fetch_weights(client: MlflowClient, source: _Source, cache: Path) -> Path:

@@ -21,16 +21,16 @@ import torch
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
+from mlflow_best._cache import Seal
 from mlflow_best._checkpoint import (
     MANIFEST,
     MODEL_FILE,
     TRAINING_FILE,
     Manifest,
-    load_file,
+    TorchFile,
     load_verified,
     open_checkpoint,
     read_manifest,
-    read_torch_file,
     verify_checkpoint,
 )
 from mlflow_best._config import home
@@ -186,7 +186,9 @@ def restore(
         source = _resolve(client, ref)
         folder = fetch(client, source, cache)
     try:
-        loaded = _load_checkpoint(folder, source, target, model, model_factory, trust_code)
+        loaded = _load_checkpoint(
+            folder, source, target, model, model_factory, trust_code, cached=folder.parent == cache
+        )
     except UnsafeCheckpointError:
         raise
     except CheckpointError:
@@ -196,7 +198,7 @@ def restore(
         # set it aside and load a fresh download, never the changed bytes.
         _evict(folder, cache)
         folder = fetch(client, source, cache)
-        loaded = _load_checkpoint(folder, source, target, model, model_factory, trust_code)
+        loaded = _load_checkpoint(folder, source, target, model, model_factory, trust_code, cached=True)
     manifest, net, inner, training = loaded
     opt = optimizer
     saved_opt = training.get("optimizer")
@@ -235,12 +237,14 @@ def _load_checkpoint(
     model: torch.nn.Module | None,
     factory: Any,
     trust_code: bool,
+    cached: bool = False,
 ) -> tuple[Manifest, torch.nn.Module, torch.nn.Module, Mapping[str, Any]]:
     """Read a checkpoint the safe way round: identity, then bounds, then the verified bytes."""
     manifest = open_checkpoint(folder, source.sha256)
     check_identity(manifest, source)
+    seal = Seal(folder) if cached else None
     model_entry = manifest.files[MODEL_FILE]
-    model_bytes = read_torch_file(folder / MODEL_FILE, model_entry)
+    model_file = TorchFile(folder / MODEL_FILE, model_entry, seal)
     plan = None
     if model is None:
         # Built on the meta device and checked against the weights file before anything is
@@ -248,11 +252,11 @@ def _load_checkpoint(
         plan = plan_model(manifest.data["model"], factory=factory, trust_code=trust_code)
         plan.check_size(str(folder / MODEL_FILE), int(model_entry["bytes"]),
                         manifest.data["model"].get("parameters"))
-    model_state = load_file(folder / MODEL_FILE, target, data=model_bytes)
+    model_state = model_file.load(target)
     # The training state is read onto the CPU: optimizer.load_state_dict then moves each state to its
     # parameter's device and keeps a non-capturable 'step' on the CPU, as torch wants it (a 'step'
     # on the GPU costs a device sync per parameter per step); RNG states must be CPU tensors anyway.
-    training = load_verified(folder / TRAINING_FILE, manifest.files[TRAINING_FILE], "cpu")
+    training = load_verified(folder / TRAINING_FILE, manifest.files[TRAINING_FILE], "cpu", seal)
     if not isinstance(model_state, Mapping) or not isinstance(training, Mapping):
         raise CheckpointError(
             f"{folder}: {MODEL_FILE} / {TRAINING_FILE} do not hold dicts; the checkpoint is damaged"

@@ -330,10 +330,14 @@ def test_weights_swapped_in_after_the_check_are_never_loaded(sqlite_uri: str, tm
     assert loaded > 0 and refused > 0, (loaded, refused)
 
 
-def test_a_changed_cache_entry_is_refetched_not_loaded(sqlite_uri: str, tmp_path: Path) -> None:
+@pytest.mark.parametrize("sidecars", ["kept", "removed"])
+def test_a_changed_cache_entry_is_refetched_not_loaded(
+    sqlite_uri: str, tmp_path: Path, sidecars: str
+) -> None:
     run = _trained()
     cache = tmp_path / "cache"
-    first = mlflow_best.restore(run.run_id, cache_dir=cache)
+    mlflow_best.restore(run.run_id, cache_dir=cache)  # downloads, hashes, seals
+    first = mlflow_best.restore(run.run_id, cache_dir=cache)  # warm: from the sealed entry
     good = {k: v.clone() for k, v in first.model.state_dict().items()}
     entry = first.path
     assert entry.parent == cache
@@ -341,9 +345,17 @@ def test_a_changed_cache_entry_is_refetched_not_loaded(sqlite_uri: str, tmp_path
     # Rewrite the cached weights (and any sidecar the cache keeps) as an attacker on the machine would.
     target = entry / "model.pt"
     target.chmod(0o644)
-    torch.save({k: torch.full_like(v, 666.0) for k, v in good.items()}, target)
-    for sidecar in entry.glob(".*"):
-        sidecar.unlink()
+    # Overwrite a tensor's bytes in place: same size, same name, other weights.
+    with zipfile.ZipFile(target) as z:
+        info = next(i for i in z.infolist() if "/data/" in i.filename and i.file_size > 0)
+    with open(target, "r+b") as f:
+        f.seek(info.header_offset + 26)
+        name_len, extra_len = int.from_bytes(f.read(2), "little"), int.from_bytes(f.read(2), "little")
+        f.seek(info.header_offset + 30 + name_len + extra_len)
+        f.write(b"\x7f" * info.file_size)
+    if sidecars == "removed":
+        for sidecar in entry.glob(".*"):
+            sidecar.unlink()
     again = mlflow_best.restore(run.run_id, cache_dir=cache)
     for k, v in again.model.state_dict().items():
         assert torch.equal(v, good[k])
