@@ -64,6 +64,7 @@ from mlflow_best._restore import (
     _sweep_leftovers,
     cache_hit,
     check_identity,
+    check_recorded,
     private_dir,
     seal,
 )
@@ -513,13 +514,7 @@ def _fetch_weights(client: MlflowClient, source: _Source, cache: Path) -> Path:
             stored += "/artifacts"
             _download(client, stored, MANIFEST, tmp)
         manifest = read_manifest(tmp)
-        check_identity(manifest, source)
-        if source.sha256 and manifest.sha256 != source.sha256:
-            raise CheckpointError(
-                f"{stored}/{MANIFEST} has sha256 {manifest.sha256[:12]}…, but MLflow recorded "
-                f"{source.sha256[:12]}… for this checkpoint: the stored manifest was changed; "
-                "it was not loaded"
-            )
+        check_recorded(manifest, source)
         _download(client, stored, MODEL_FILE, tmp)
         with contextlib.suppress(MlflowException, OSError, CheckpointError):
             _download(client, stored, SIGNATURE_FILE, tmp)

@@ -476,13 +476,7 @@ def fetch(client: MlflowClient, source: _Source, cache: Path) -> Path:
         if not (local / MANIFEST).is_file() and (local / "artifacts" / MANIFEST).is_file():
             local, stored = local / "artifacts", stored + "/artifacts"
         manifest = read_manifest(local)
-        check_identity(manifest, source)
-        if source.sha256 and manifest.sha256 != source.sha256:
-            raise CheckpointError(
-                f"{local / MANIFEST} has sha256 {manifest.sha256[:12]}…, but MLflow recorded "
-                f"{source.sha256[:12]}… for this checkpoint: the stored manifest was changed; "
-                "it was not loaded"
-            )
+        check_recorded(manifest, source)
         _check_sizes(local, manifest)
         seal(local)
         return _publish_to_cache(local, cache / manifest.sha256, cache)
@@ -493,6 +487,16 @@ def fetch(client: MlflowClient, source: _Source, cache: Path) -> Path:
         raise TrackingStoreError(f"downloading {source.artifact_uri} failed: {e.message}") from e
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def check_recorded(manifest: Manifest, source: _Source) -> None:
+    """A downloaded manifest is what MLflow recorded: the same checkpoint, and the same bytes."""
+    check_identity(manifest, source)
+    if source.sha256 and manifest.sha256 != source.sha256:
+        raise CheckpointError(
+            f"{manifest.path / MANIFEST} has sha256 {manifest.sha256[:12]}…, but MLflow recorded "
+            f"{source.sha256[:12]}… for this checkpoint: the stored manifest was changed; it was not loaded"
+        )
 
 
 def private_dir(path: Path) -> None:
