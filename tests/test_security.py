@@ -20,6 +20,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import mlflow
+import mlflow.pyfunc
 import pytest
 import torch
 from click.testing import CliRunner
@@ -488,3 +490,17 @@ def test_the_cli_imports_only_the_modules_named_with_import(sqlite_uri: str, tmp
     chosen = cli("--import", "tests.helpers")
     assert chosen.returncode == 0, chosen.stderr
     assert chosen.stdout.startswith("restored TinyNet (58 parameters) from epoch 1")
+
+
+def test_the_pyfunc_loader_refuses_unsigned_checkpoints_when_a_key_is_set(
+    sqlite_uri: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    name = f"pyfunc-{uuid.uuid4().hex[:6]}"
+    _trained(registered_model=name)  # unsigned
+    monkeypatch.setenv("MLFLOW_BEST_SIGNING_KEY", "k-" + uuid.uuid4().hex)
+    with pytest.raises(mlflow_best.CheckpointError, match=r"manifest.sig is missing"):
+        mlflow.pyfunc.load_model(f"models:/{name}/2")
+    signed = f"pyfunc-{uuid.uuid4().hex[:6]}"
+    _trained(registered_model=signed)  # signed with the key now set
+    model = mlflow.pyfunc.load_model(f"models:/{signed}@best")
+    assert model.predict(torch.randn(3, 4).numpy()).shape == (3, 2)
