@@ -34,26 +34,54 @@ How the hooks map onto the core:
   checkpoint; ``Trainer(...)`` (through ``on_init_end``) raises ``ConfigError`` asking for
   ``report_to="none"``.
 
-``resume=`` is refused for now: the Trainer fixes the epochs to run (from its own
-``trainer_state.json``) before any callback is called, so a callback cannot make it continue at
-``run.start_epoch``. Restoring weights and optimizer works as everywhere (``restore(ref)``).
+Resume (exact, into the same MLflow run): the Trainer fixes the epochs to run from its own
+``trainer_state.json`` before any callback is called, so ``resume=run_id`` goes with
+``resume_from_checkpoint=`` set to the folder ``track.checkpoint_for(trainer)`` writes::
+
+    track = TrackCallback(resume=run_id, save_last=True)
+    trainer = Trainer(model=model, args=args, train_dataset=train, eval_dataset=val, callbacks=[track])
+    with track:
+        trainer.train(resume_from_checkpoint=track.checkpoint_for(trainer))
+
+``checkpoint_for`` loads the run's newest checkpoint (the one ``track(resume=)`` loads, after sending
+what a killed process left unsent) and writes ``<output_dir>/mlflow_best/<run_id>/checkpoint-<step>``:
+the weights (``trainer.save_model``), ``rng_state.pth`` (the checkpoint's RNG states, which the Trainer
+puts back at the start of the first resumed epoch) and ``trainer_state.json`` with the global step
+and epoch after the checkpoint's epoch, so the Trainer continues at ``run.start_epoch``. The optimizer,
+scheduler and scaler states come from ``track(resume=)`` itself at ``on_train_begin`` (no
+``optimizer.pt``). ``num_train_epochs`` counts all epochs, as in the uninterrupted run; ``save_last=True``
+checkpoints every epoch, so the resume starts after the last completed one. Only with
+``eval_strategy="epoch"`` and one process; ``on_train_begin`` raises ``ConfigError`` if the Trainer
+does not start at ``run.start_epoch`` (e.g. ``resume=`` without ``resume_from_checkpoint=``). Without
+a checkpoint in the run, ``checkpoint_for`` returns None and training starts at epoch 0.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
+import random
+import shutil
 import sys
 import warnings
+from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+import mlflow
+import numpy as np
 import torch
 import transformers
-from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+from mlflow import MlflowClient
+from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 from mlflow_best._adapter import Session, check_arguments
+from mlflow_best._config import home
 from mlflow_best._errors import ConfigError
+from mlflow_best._recipe import load_model_state
+from mlflow_best._restore import latest_checkpoint, sync_staging
+from mlflow_best._state import apply_rng, capture_rng, unwrap_model
 from mlflow_best._tracker import Run
 
 __all__ = ["TrackCallback", "from_config"]
@@ -106,15 +134,16 @@ class TrackCallback(TrainerCallback):
 
     Args:
         **track_arguments: any argument of ``mlflow_best.track`` except ``model``, ``optimizer``,
-            ``scheduler`` and ``scaler`` (taken from the Trainer) and ``resume`` (see the module
-            docstring), e.g. ``registered_model="sentiment", keep=3``.
+            ``scheduler`` and ``scaler`` (taken from the Trainer), e.g. ``registered_model="sentiment",
+            keep=3``; ``resume=run_id`` goes with ``train(resume_from_checkpoint=checkpoint_for(trainer))``.
 
     Attributes:
         run: the open ``mlflow_best.Run`` during ``train()``, else None; ``last_run`` keeps it after.
 
     Raises:
-        ConfigError: an unknown or Trainer-owned argument, ``resume=``, or a bad value (here), and
-            ``report_to`` including "mlflow" (at ``Trainer(..., callbacks=[track])``).
+        ConfigError: an unknown or Trainer-owned argument or a bad value (here), ``report_to``
+            including "mlflow" (at ``Trainer(..., callbacks=[track])``), and ``resume=`` without the
+            checkpoint of ``checkpoint_for`` (at ``train()``).
 
     Example:
         >>> track = TrackCallback(registered_model="sentiment")  # doctest: +SKIP
@@ -125,12 +154,6 @@ class TrackCallback(TrainerCallback):
     """
 
     def __init__(self, **track_arguments: Any) -> None:
-        if track_arguments.get("resume") is not None:
-            raise ConfigError(
-                f"TrackCallback(resume={track_arguments['resume']!r}) is not supported with the Hugging Face "
-                "Trainer: it fixes the epochs to run before any callback is called, so it cannot continue "
-                "at the checkpoint's epoch. Remove resume=; restore the weights with mlflow_best.restore(ref)"
-            )
         self._session = Session(check_arguments(track_arguments, "TrackCallback"))
         self.last_run: Run | None = None
         self._entered = False
@@ -151,6 +174,72 @@ class TrackCallback(TrainerCallback):
         self._entered = False
         # After a normal train() the run is already ended by on_train_end, and this does nothing.
         self._session.close(exc)
+
+    def checkpoint_for(self, trainer: Trainer) -> str | None:
+        """Write the Hugging Face checkpoint folder that makes ``trainer`` continue the ``resume=`` run.
+
+        Pass the result to ``trainer.train(resume_from_checkpoint=...)`` (see the module docstring).
+        The run's newest checkpoint is loaded into ``trainer.model`` and written as
+        ``<output_dir>/mlflow_best/<run_id>/checkpoint-<global_step>`` (weights, ``rng_state.pth``,
+        ``trainer_state.json``); the optimizer, scheduler and scaler are loaded by ``track(resume=)``.
+
+        Returns:
+            The folder, or None when the run has no checkpoint yet (training then starts at epoch 0).
+
+        Raises:
+            ConfigError: the callback has no ``resume=``, ``eval_strategy`` is not ``"epoch"``, or the
+                Trainer runs in more than one process.
+        """
+        run_id = self._session.arguments.get("resume")
+        if not run_id:
+            raise ConfigError(
+                "TrackCallback.checkpoint_for(trainer) needs the run to continue: pass "
+                "TrackCallback(resume=run_id, ...)"
+            )
+        args = trainer.args
+        if getattr(args.eval_strategy, "value", args.eval_strategy) != "epoch":
+            raise ConfigError(
+                f"TrackCallback(resume=...) needs TrainingArguments(eval_strategy='epoch') (got "
+                f"{args.eval_strategy!r}): the checkpoints are per epoch, so the Trainer can continue "
+                "only at an epoch boundary"
+            )
+        if args.world_size > 1:
+            raise ConfigError(
+                f"TrackCallback(resume=...) supports one process (world_size is {args.world_size}): the "
+                "checkpoint holds the RNG states of one process"
+            )
+        tracking_uri = self._session.arguments.get("tracking_uri") or mlflow.get_tracking_uri()
+        client = MlflowClient(tracking_uri=tracking_uri)
+        # What track(resume=) loads at on_train_begin: first what a killed process left unsent.
+        staging = self._session.arguments.get("staging_dir")
+        sync_staging(client, (Path(staging) if staging else home() / "runs") / run_id, quiet=True)
+        found = latest_checkpoint(client, run_id)
+        if found is None:
+            return None
+        model_state, training_state = found
+        epochs_done = int(training_state["epoch"]) + 1
+        steps = trainer.set_initial_training_values(args, trainer.get_train_dataloader())
+        num_update_steps_per_epoch, max_steps = steps[1], steps[6]
+        global_step = epochs_done * num_update_steps_per_epoch
+        folder = Path(str(args.output_dir)) / "mlflow_best" / run_id / f"checkpoint-{global_step}"
+        if folder.exists():
+            shutil.rmtree(folder)
+        if trainer.model is None:
+            raise ConfigError("TrackCallback.checkpoint_for got a Trainer without a model; pass model=")
+        source = f"the newest checkpoint of run {run_id}"
+        load_model_state(unwrap_model(trainer.model), model_state, source=source)
+        trainer.save_model(str(folder))
+        _write_rng_state(folder / "rng_state.pth", training_state["rng"])
+        state = TrainerState(
+            epoch=float(epochs_done),
+            global_step=global_step,
+            max_steps=max_steps,
+            num_train_epochs=math.ceil(args.num_train_epochs),
+            train_batch_size=trainer._train_batch_size,
+        )
+        state.compute_steps(args, max_steps)  # type: ignore[no-untyped-call]
+        state.save_to_json(str(folder / "trainer_state.json"))
+        return str(folder)
 
     def on_init_end(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
@@ -188,6 +277,15 @@ class TrackCallback(TrainerCallback):
             defaults={**_monitor(args), **_recipe(model)},
         )
         self.last_run = run
+        if self._session.arguments.get("resume") and _epoch_index(state.epoch) + 1 != run.start_epoch:
+            starts_at = _epoch_index(state.epoch) + 1
+            error = ConfigError(
+                f"TrackCallback(resume={self._session.arguments['resume']!r}) continues run {run.run_id} at "
+                f"epoch {run.start_epoch}, but the Trainer starts at epoch {starts_at}; call "
+                "trainer.train(resume_from_checkpoint=track.checkpoint_for(trainer)) so it starts there"
+            )
+            self._session.close(error)
+            raise error
 
     def on_log(
         self,
@@ -223,6 +321,23 @@ class TrackCallback(TrainerCallback):
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:
         self._session.close(None)
+
+
+def _write_rng_state(path: Path, rng: dict[str, Any]) -> None:
+    """The checkpoint's RNG states in the Trainer's ``rng_state.pth`` format (``_load_rng_state``)."""
+    now = capture_rng()
+    apply_rng(rng)
+    try:
+        states: dict[str, Any] = {
+            "python": random.getstate(),
+            "numpy": np.random.get_state(),
+            "cpu": torch.random.get_rng_state(),
+        }
+        if torch.cuda.is_available():
+            states["cuda"] = torch.cuda.random.get_rng_state()
+        torch.save(states, os.fspath(path))
+    finally:
+        apply_rng(now)
 
 
 def _refuse_mlflow_reporting(args: TrainingArguments) -> None:

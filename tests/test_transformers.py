@@ -6,6 +6,8 @@ Nothing is downloaded: the model is made from ``BertConfig`` in the test and the
 from __future__ import annotations
 
 import os
+import signal
+import textwrap
 import warnings
 from pathlib import Path
 from typing import Any
@@ -28,7 +30,7 @@ from transformers import (
 import mlflow_best
 from mlflow_best.transformers import TrackCallback, from_config
 from tests.helpers import unique
-from tests.test_resume import _assert_identical
+from tests.test_resume import _assert_identical, _child_env, _finish, _start, _wait_for
 
 
 @pytest.fixture(autouse=True)
@@ -202,9 +204,28 @@ def test_report_to_mlflow_is_refused_so_there_is_one_run(sqlite_uri: str, tmp_pa
     assert MlflowClient(sqlite_uri).search_runs(["0"]) == []
 
 
+def test_resume_without_the_checkpoint_folder_is_refused_before_any_epoch(
+    sqlite_uri: str, tmp_path: Path
+) -> None:
+    first = TrackCallback(save_last=True, verbose=False)
+    with first:
+        _trainer(_bert(), _args(tmp_path, 1), first).train()
+    assert first.last_run is not None
+    run_id = first.last_run.run_id
+    track = TrackCallback(resume=run_id, verbose=False)
+    trainer = _trainer(_bert(), _args(tmp_path, 2), track)
+    starts_wrong = r"at epoch 1, but the Trainer starts at epoch 0"
+    with pytest.raises(mlflow_best.ConfigError, match=starts_wrong), track:
+        trainer.train()
+    with pytest.raises(mlflow_best.ConfigError, match=r"needs the run to continue"):
+        TrackCallback(verbose=False).checkpoint_for(trainer)
+    with pytest.raises(mlflow_best.ConfigError, match=r"eval_strategy='epoch'"):
+        by_steps = _args(tmp_path, 2, eval_strategy="steps", eval_steps=2)
+        track.checkpoint_for(_trainer(_bert(), by_steps, track))
+    assert [m.step for m in MlflowClient(sqlite_uri).get_metric_history(run_id, "eval_loss")] == [0]
+
+
 def test_arguments_are_checked_when_the_callback_is_made() -> None:
-    with pytest.raises(mlflow_best.ConfigError, match=r"resume='abc'\) is not supported with the Hugging"):
-        TrackCallback(resume="abc")
     with pytest.raises(mlflow_best.ConfigError, match=r"TrackCallback\(model=...\) is taken from the"):
         TrackCallback(model=None)
     with pytest.raises(mlflow_best.ConfigError, match=r"mode='best' is not a known mode"):
@@ -221,3 +242,107 @@ def test_from_config_builds_only_transformers_models() -> None:
         from_config("os", config)
     with pytest.raises(mlflow_best.ConfigError, match=r"architecture='AutoConfig' is not a PreTrainedModel"):
         from_config("AutoConfig", config)
+
+
+# -- exact resume ----------------------------------------------------------------------------------
+# The child trains the tiny BERT (dropout on) for 4 epochs with AdamW and the Trainer's linear
+# schedule. In phase "first" it stops at the start of epoch 2 and waits to be killed, after the
+# callback logged (and checkpointed, save_last=True) epoch 1; "resume" continues the run with
+# resume_from_checkpoint=track.checkpoint_for(trainer).
+HF_SCRIPT = textwrap.dedent(
+    """
+    import sys, time
+    import torch
+    from transformers import TrainerCallback
+    from mlflow_best.transformers import TrackCallback
+    from tests.test_transformers import _args, _bert, _trainer
+
+    phase, out, home = sys.argv[1], sys.argv[2], sys.argv[3]
+    resume = sys.argv[4] if len(sys.argv) > 4 else None
+
+    class Pause(TrainerCallback):
+        def on_epoch_begin(self, args, state, control, **kwargs):
+            if phase == "first" and round(state.epoch) == 2:
+                print("READY", flush=True)
+                time.sleep(600)
+
+    track = TrackCallback(experiment="resume", save_last=True, resume=resume, verbose=False)
+    trainer = _trainer(_bert(), _args(__import__("pathlib").Path(home), 4), track, Pause())
+    with track:
+        trainer.train(resume_from_checkpoint=track.checkpoint_for(trainer) if resume else None)
+    torch.save(
+        {
+            "model": trainer.model.state_dict(),
+            "optimizer": trainer.optimizer.optimizer.state_dict(),
+            "scheduler": trainer.lr_scheduler.state_dict(),
+            "torch_rng": torch.get_rng_state(),
+            "start_epoch": track.last_run.start_epoch,
+            "global_step": trainer.state.global_step,
+        },
+        out,
+    )
+    """
+)
+
+
+@pytest.mark.slow
+def test_a_sigkilled_train_resumed_with_checkpoint_for_equals_a_straight_train(
+    sqlite_uri: str, tmp_path: Path, _sqlite_template: Path
+) -> None:
+    from tests.conftest import new_sqlite_store
+
+    script = tmp_path / "train.py"
+    script.write_text(HF_SCRIPT)
+    straight_log = tmp_path / "straight.log"
+    straight = _start(
+        script,
+        ["full", str(tmp_path / "straight.pt"), str(tmp_path / "o1")],
+        _child_env(new_sqlite_store(_sqlite_template, tmp_path / "straight"), tmp_path / "h1", []),
+        straight_log,
+    )
+    first_log = tmp_path / "first.log"
+    first = _start(
+        script, ["first", str(tmp_path / "first.pt"), str(tmp_path / "o2")],
+        _child_env(sqlite_uri, tmp_path / "h2", []), first_log,
+    )
+    client = MlflowClient(sqlite_uri)
+    try:
+        _wait_for(lambda: "READY" in first_log.read_text(errors="replace"), first, first_log, "READY")
+        experiment = client.get_experiment_by_name("resume")
+        assert experiment is not None
+        (run_id,) = [r.info.run_id for r in client.search_runs([experiment.experiment_id])]
+
+        def epoch_1_is_in_mlflow() -> bool:
+            tags = client.get_run(run_id).data.tags
+            return "1" in (tags.get("mlflow_best.last_epoch"), tags.get("mlflow_best.best_epoch"))
+
+        _wait_for(epoch_1_is_in_mlflow, first, first_log, "epoch 1")
+        first.send_signal(signal.SIGKILL)
+        assert first.wait(timeout=30) == -signal.SIGKILL
+    finally:
+        if first.poll() is None:
+            first.kill()
+    assert client.get_run(run_id).info.status == "RUNNING"
+
+    resumed_log = tmp_path / "resumed.log"
+    resumed = _start(
+        script, ["resume", str(tmp_path / "resumed.pt"), str(tmp_path / "o3"), run_id],
+        _child_env(sqlite_uri, tmp_path / "h3", []), resumed_log,
+    )
+    _finish(resumed, resumed_log, timeout=300)
+    _finish(straight, straight_log, timeout=300)
+
+    a = torch.load(tmp_path / "straight.pt", weights_only=True)
+    b = torch.load(tmp_path / "resumed.pt", weights_only=True)
+    assert (a["start_epoch"], b["start_epoch"]) == (0, 2)
+    assert a["global_step"] == b["global_step"] == 16  # 4 epochs of 4 batches
+    counted = sum(_assert_identical(a[k], b[k], k) for k in ("model", "optimizer", "scheduler", "torch_rng"))
+    assert counted > 2 * len(a["model"])
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED"
+    for metric in ("eval_loss", "loss"):
+        assert sorted(m.step for m in client.get_metric_history(run_id, metric)) == [0, 1, 2, 3], metric
+    # The written folder: the Trainer's own checkpoint layout, without an optimizer.pt of its own.
+    folder = tmp_path / "o3" / "hf" / "mlflow_best" / run_id / "checkpoint-8"
+    assert {"model.safetensors", "rng_state.pth", "trainer_state.json"} <= {f.name for f in folder.iterdir()}
+    assert not (folder / "optimizer.pt").exists()
