@@ -87,10 +87,15 @@ class Seal:
             and _identity(before) == ident
         )
 
-    def add(self, name: str, sha256: str, st: os.stat_result) -> None:
-        """Record a file whose bytes were just hashed and matched ``sha256``."""
-        if self._key is None:
+    def add(self, name: str, sha256: str, before: os.stat_result, after: os.stat_result) -> None:
+        """Record a file whose bytes, read between ``before`` and ``after``, hashed to ``sha256``.
+
+        Nothing is recorded when the file changed while it was read: those bytes were hashed, but
+        the file now holds others.
+        """
+        if self._key is None or _identity(before) != _identity(after):
             return
+        st = after
         self._files = {**self._read(), name: {"sha256": sha256, "id": _identity(st)}}
         tmp = self.folder / f".seal-{uuid.uuid4().hex[:8]}"
         with contextlib.suppress(OSError):

@@ -484,16 +484,9 @@ def read_verified(path: Path, entry: dict[str, Any], seal: Any = None) -> bytes:
             f"{path} fails its checksum (sha256 differs from the manifest): the file was changed or "
             "corrupted; it was not loaded"
         )
-    if seal is not None and _identity_same(before, after):
-        seal.add(path.name, entry["sha256"], after)
+    if seal is not None:
+        seal.add(path.name, entry["sha256"], before, after)
     return data
-
-
-def _identity_same(a: os.stat_result, b: os.stat_result) -> bool:
-    def ident(st: os.stat_result) -> tuple[int, ...]:
-        return (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
-
-    return ident(a) == ident(b)
 
 
 def check_torch_zip(data: bytes, path: Path) -> None:

@@ -3,7 +3,7 @@
 The manifest's ``model`` section is ``{"class": "pkg.mod:Net", "args": {...}, "factory": "pkg.mod:fn"
 | None, "memory_format": "channels_last" | None}`` and its ``optimizer`` section is ``{"class",
 "defaults", "groups": [{"params": [parameter names in the model], <hyperparameters>}]}``. Both are
-written here (``model_recipe`` / ``optimizer_recipe``) and read here (``rebuild_model`` /
+written here (``model_recipe`` / ``OptimizerRecipe``) and read here (``plan_model`` /
 ``rebuild_optimizer``), so the two sides cannot drift apart.
 
 Checks that would otherwise fail at restore, in another program, days later, happen at ``track``:
@@ -392,19 +392,6 @@ def plan_model(info: Mapping[str, Any], *, factory: Any = None, trust_code: bool
         meta = _call(builder, args, shown)
     fmt = info.get("memory_format")
     return ModelPlan(builder, args, shown, meta, fmt if isinstance(fmt, str) else None)
-
-
-def rebuild_model(
-    info: Mapping[str, Any],
-    state: Mapping[str, Any],
-    target: torch.device,
-    source: str,
-    *,
-    factory: Any = None,
-    trust_code: bool = False,
-) -> torch.nn.Module:
-    """Build the recorded class or factory with ``model_args`` and load ``state`` into it on ``target``."""
-    return plan_model(info, factory=factory, trust_code=trust_code).build(state, target, source)
 
 
 def _required(cls: Any) -> list[str]:

@@ -47,7 +47,6 @@ from mlflow_best._recipe import (
     load_model_state,
     load_optimizer_state,
     plan_model,
-    rebuild_model,
     rebuild_optimizer,
 )
 from mlflow_best._registry import (
@@ -67,7 +66,6 @@ from mlflow_best._writer import CheckpointOp, Journal, MetricsOp, Op, describe, 
 
 RUN_FILE = "run.json"
 _RUN_ID = re.compile(r"^[0-9a-f]{32}$")
-_VERIFIED = ".verified.json"
 
 
 @dataclass
@@ -578,14 +576,6 @@ def cache_hit(folder: Path, names: list[str] | None = None) -> bool:
 
 
 # -- loading ---------------------------------------------------------------------------------------
-def _rebuild_model(
-    manifest: Manifest, state: Mapping[str, Any], target: torch.device, source: str
-) -> torch.nn.Module:
-    """Build the recorded class (or factory) with ``model_args`` and load ``state`` into it on ``target``."""
-    info = manifest.data["model"]
-    return rebuild_model(info, state, target, source)
-
-
 def _move_optimizer_state(opt: torch.optim.Optimizer, device: torch.device) -> None:
     # load_state_dict casts state to each parameter's device already; "step" stays where torch wants it.
     for state in opt.state.values():
