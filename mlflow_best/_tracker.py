@@ -548,6 +548,9 @@ class Run:
             )
         if self._leader:
             self._raise_if_broken()
+            # What the background threads had to say, said here (before this epoch changes anything:
+            # under a warnings-as-errors filter this call then fails as a whole).
+            self._emit_notices()
         try:
             epoch, values = self._check_metrics(epoch, metrics)
             problem = None
@@ -596,7 +599,6 @@ class Run:
             self._last_metrics = values
             self.history.append(EpochPoint(epoch, value, bool(improved)))
             self._print_epoch(epoch, values, previous, bool(improved), bool(last_due))
-            self._emit_notices()
         return bool(improved)
 
     def _emit_notices(self) -> None:
