@@ -24,7 +24,17 @@ from pathlib import Path
 from typing import Any, Literal
 
 from mlflow_best._errors import CheckpointError
-from mlflow_best._staging import CheckpointOp, Journal, MetricsOp, Op, as_metrics, describe
+from mlflow_best._staging import (
+    LEASE_TAG,
+    CheckpointOp,
+    EndOp,
+    Journal,
+    MetricsOp,
+    Op,
+    TagsOp,
+    as_metrics,
+    describe,
+)
 
 # One log_batch request carries at most this many metrics (MLflow's MAX_METRICS_PER_BATCH): a
 # coalesced batch is one request, so it is taken or refused whole, never half-logged.
@@ -240,10 +250,14 @@ def run_info_publisher(client: Any, info: dict[str, Any]) -> Any:
     )
 
 
-def sync_staging(client: Any, staging: Path, *, quiet: bool = False, timeout: float = 30.0) -> Replayed:
+def sync_staging(
+    client: Any, staging: Path, *, quiet: bool = False, timeout: float = 30.0, resuming: bool = False
+) -> Replayed:
     """Replay a staging folder's unsent operations into its run, in order (the caller holds its lock).
 
-    Gives up on an outage that lasts ``timeout`` seconds; what is left stays journaled.
+    Gives up on an outage that lasts ``timeout`` seconds; what is left stays journaled. With
+    ``resuming`` (a new process continues the run) the old process's end of run is superseded:
+    it is not sent (the run would read FINISHED while it trains) and neither is its lease release.
     """
     import warnings
 
@@ -259,6 +273,13 @@ def sync_staging(client: Any, staging: Path, *, quiet: bool = False, timeout: fl
     journal = Journal(staging, on_warning=notices.add)
     sender = Sender(journal, run_info_publisher(client, info), notices)
     try:
+        if resuming:
+            superseded = [op for op in ops if isinstance(op, EndOp)]
+            journal.mark_sent(superseded)
+            ops = [op for op in ops if not isinstance(op, EndOp)]
+            for op in ops:
+                if isinstance(op, TagsOp):
+                    op.tags.pop(LEASE_TAG, None)
         started = time.monotonic()
         ready = [checked(op, None if quiet else notices.add) for op in ops]
         result = replay(sender, ready, give_up=lambda now: now - (sender.offline_since or started) >= timeout)

@@ -25,6 +25,7 @@ import socket
 import threading
 import time
 import warnings
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -37,6 +38,8 @@ SENT = "sent.jsonl"
 RUN_FILE = "run.json"
 LOCK_FILE = "lock"
 CHECKPOINTS = "checkpoints"
+# The run tag that leases a live run to one process (see _tracker): written with the journal's items.
+LEASE_TAG = "mlflow_best.lease"
 _LEFTOVER_PREFIXES = (".tmp-", ".del-")
 
 
@@ -257,7 +260,7 @@ class Journal:
         line = json.dumps({k: v for k, v in asdict(op).items() if k != "progress"}) + "\n"
         self._append(self._ops, line)  # into the page cache: survives the process, costs a syscall
 
-    def mark_sent(self, ops: list[Op]) -> None:
+    def mark_sent(self, ops: Sequence[Op]) -> None:
         self._append(self._sent, "".join(json.dumps({"seq": op.seq}) + "\n" for op in ops))
 
     def mark_rejected(self, op: Op, reason: str) -> None:

@@ -52,6 +52,7 @@ from mlflow_best._recipe import (
 from mlflow_best._registry import TAG, Publisher, checkpoint_name, ensure_registered_model, is_missing
 from mlflow_best._replay import sync_staging
 from mlflow_best._staging import (
+    LEASE_TAG,
     ArtifactOp,
     CheckpointOp,
     EndOp,
@@ -79,7 +80,6 @@ _HTTP_DEFAULTS = {
 
 # A live run is leased: a tag that the upload thread renews, so a second resume= of the same run on
 # another machine is refused until the holder has been silent for _LEASE_S.
-LEASE_TAG = TAG + "lease"
 _LEASE_S = 120.0
 _HEARTBEAT_S = 30.0
 
@@ -260,7 +260,9 @@ class Run:
         leftovers: list[Any] = []
         if cfg.resume is not None:
             # What the previous process left unsent goes first, in order, before anything new.
-            leftovers = sync_staging(client, self.staging_dir, quiet=True, timeout=cfg.offline_timeout).unsent
+            leftovers = sync_staging(
+                client, self.staging_dir, quiet=True, timeout=cfg.offline_timeout, resuming=True
+            ).unsent
         journal = Journal(self.staging_dir)
         _write_run_file(self.staging_dir, self.run_id, self.experiment_id, self.tracking_uri, cfg)
         publisher = Publisher(

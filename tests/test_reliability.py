@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
 import pickle
+import re
+import subprocess
+import sys
+import textwrap
 import threading
 import time
 import warnings
@@ -17,6 +22,7 @@ import mlflow_best
 from mlflow_best._errors import CheckpointError, ConfigError, UnsentError
 from mlflow_best._registry import Publisher
 from mlflow_best._staging import StagingLock, read_rejected, read_unsent
+from tests._server import die_with_parent
 from tests.helpers import TinyNet, unique
 
 
@@ -242,3 +248,61 @@ def test_folders_left_by_killed_writes_are_cleaned_at_the_next_start(
         holder.release()
     assert not any(folder.exists() for folder in junk)
     assert (live / "checkpoints" / ".tmp-epoch=0001-def").exists()  # a live writer's folder is left alone
+
+
+DDP_WORKER = textwrap.dedent(
+    """
+    import json, os, sys
+    import torch
+    import torch.distributed as dist
+    import mlflow_best
+
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    dist.init_process_group("gloo", init_method=f"file://{sys.argv[1]}", rank=rank, world_size=world)
+    errors = []
+    with mlflow_best.track(torch.nn.Linear(4, 2), None, experiment=sys.argv[3], verbose=False,
+                           model_args={"in_features": 4, "out_features": 2}) as run:
+        run.log_epoch(0, {"val_loss": 1.0})
+        bad = "oops" if rank == 1 else 0.5  # only rank 1 passes a value that is not a number
+        try:
+            run.log_epoch(1, {"val_loss": bad})
+        except mlflow_best.MetricError as e:
+            errors.append(str(e))
+        run.log_epoch(1, {"val_loss": 0.5})  # every rank goes on together: nobody is left in a collective
+    dist.barrier()
+    dist.destroy_process_group()
+    with open(f"{sys.argv[2]}/rank{rank}.json", "w") as f:
+        json.dump({"errors": errors, "best": run.best.epoch}, f)
+    """
+)
+
+
+@pytest.mark.slow
+def test_a_bad_metric_on_any_rank_raises_on_every_rank(sqlite_uri: str, tmp_path: Path) -> None:
+    script = tmp_path / "worker.py"
+    script.write_text(DDP_WORKER, encoding="utf-8")
+    procs = []
+    for rank in range(2):
+        env = dict(os.environ, RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank))
+        with open(tmp_path / f"rank{rank}.log", "wb") as log:
+            procs.append(subprocess.Popen(
+                [sys.executable, str(script), str(tmp_path / "init"), str(tmp_path), unique("ddp")],
+                stdout=log, stderr=subprocess.STDOUT, env=env, cwd=tmp_path, preexec_fn=die_with_parent,
+            ))
+    try:
+        for rank, p in enumerate(procs):
+            try:
+                code = p.wait(timeout=180)
+            except subprocess.TimeoutExpired:
+                pytest.fail(f"rank {rank} hangs: {(tmp_path / f'rank{rank}.log').read_text()[-2000:]}")
+            assert code == 0, (tmp_path / f"rank{rank}.log").read_text()[-3000:]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    for rank in range(2):
+        result = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert len(result["errors"]) == 1, (rank, result)
+        assert re.match(r"rank 1: metric 'val_loss' is 'oops' \(str\), not a number", result["errors"][0])
+        assert result["best"] == 1
