@@ -347,7 +347,7 @@ def sync(
     if result.rejected or result.unsent:
         lines = result.lines()
         raise UnsentError(
-            f"mlflow_best.sync: {len(lines)} item(s) of run {run_id} did not reach MLflow:\n  - "
+            f"mlflow_best.sync: {len(lines)} item(s) of run {run_id} still did not reach MLflow:\n  - "
             + "\n  - ".join(lines)
             + (f"\nThe unsent ones stay in {staging}; call sync again when the server answers."
                if result.unsent else ""),
