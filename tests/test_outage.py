@@ -237,7 +237,9 @@ def test_a_resume_sends_the_previous_process_leftovers_first_and_the_run_stays_r
     client = MlflowClient(server_uri)
     with (
         pytest.warns(RuntimeWarning, match="epoch 2 was already logged"),
-        mlflow_best.track(TinyNet(), None, resume=first.run_id, registered_model=name, verbose=False) as again,
+        mlflow_best.track(
+            TinyNet(), None, resume=first.run_id, registered_model=name, verbose=False
+        ) as again,
     ):
         # The leftovers went first: epoch 1's checkpoint is the one resumed from, epoch 2's metrics are in.
         assert again.start_epoch == 2
