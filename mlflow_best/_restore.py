@@ -20,7 +20,7 @@ import torch
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
-from mlflow_best._cache import WEIGHTS, Seal, enforce_limit, partial_dir, sweep, touch
+from mlflow_best._cache import WEIGHTS, Seal, enforce_limit, max_bytes, partial_dir, sweep, touch
 from mlflow_best._checkpoint import (
     MANIFEST,
     MODEL_FILE,
@@ -592,6 +592,7 @@ def download_into_cache(
     """
     if source.sha256 is None and os.path.isdir(source.artifact_uri):
         return Path(source.artifact_uri)  # a local staged copy: verified by the loader, in place
+    max_bytes()  # a bad MLFLOW_BEST_CACHE_MAX_BYTES is refused before anything is downloaded
     names = [MODEL_FILE] if weights_only else None
     into = cache / WEIGHTS if weights_only else cache
     if source.sha256:
