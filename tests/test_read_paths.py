@@ -12,6 +12,7 @@ import re
 import socket
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any, ClassVar
 
 import mlflow
 import pytest
@@ -24,7 +25,7 @@ from mlflow_best._errors import CheckpointPrunedError, TrackingStoreUnreachableE
 from mlflow_best._reach import HTTP_BOUNDS, bounded_http, probe, scoped_env
 from mlflow_best.cli import main
 from tests._server import free_port
-from tests.helpers import run_sequence, unique
+from tests.helpers import TinyNet, run_sequence, unique
 
 
 @pytest.fixture(autouse=True)
@@ -127,6 +128,29 @@ def test_http_settings_are_scoped_a_users_own_win_and_nesting_restores(
     assert os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] == "77"
 
 
+class _SeesTheEnvironment(TinyNet):
+    """Records MLflow's HTTP settings at the moment restore moves it to the device (mid-restore)."""
+
+    seen: ClassVar[dict[str, str | None]] = {}
+
+    def _apply(self, *args: Any, **kwargs: Any) -> Any:
+        type(self).seen = {key: os.environ.get(key) for key in HTTP_BOUNDS}
+        return super()._apply(*args, **kwargs)
+
+
+def test_restore_runs_with_bounded_http_settings_and_puts_them_back(
+    sqlite_uri: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for key in HTTP_BOUNDS:
+        monkeypatch.delenv(key, raising=False)
+    run, _, _ = run_sequence([1.0], experiment=unique("scoped"), verbose=False)
+    for key in HTTP_BOUNDS:
+        monkeypatch.delenv(key, raising=False)  # whatever track() left, restore starts from a clean slate
+    mlflow_best.restore(run.run_id, model=_SeesTheEnvironment())
+    assert _SeesTheEnvironment.seen == dict(HTTP_BOUNDS)
+    assert not [key for key in HTTP_BOUNDS if key in os.environ]
+
+
 # -- devices ----------------------------------------------------------------------------------------
 def _absent(device: str) -> bool:
     kind = torch.device(device).type
@@ -193,6 +217,10 @@ def test_cli_sync_of_an_unknown_run_names_the_staging_dir_option() -> None:
 @pytest.mark.parametrize("base", ["bob's model", 'the "best" one', "it's \"quoted\" \\ twice"])
 def test_registered_model_names_with_quotes_work_end_to_end(store: str, base: str) -> None:
     name = f"{base} {unique('q')}"
+    # A model whose name differs only where the quotes are, with a better value: never mistaken for ours.
+    decoy = "".join("_" if c in "'\\" else c for c in name)
+    if decoy != name:
+        run_sequence([0.01], experiment=unique("decoy"), registered_model=decoy, verbose=False)
     snapshots: dict[int, dict[str, torch.Tensor]] = {}
     run_sequence([1.0, 0.5, 0.7, 0.3], snapshots=snapshots, experiment=unique("quotes"),
                  registered_model=name, verbose=False)
