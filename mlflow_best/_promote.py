@@ -87,7 +87,7 @@ def promote(
         CheckpointNotFoundError: the model or version does not exist, or its files were pruned.
         ConfigError: a malformed version or alias, or versions that record different metrics or
             modes, so "best" is ambiguous.
-        TrackingStoreError: the tracking store refused a call.
+        TrackingStoreError: the tracking store refused a call, or did not answer (naming the URI).
 
     Example:
         >>> print(mlflow_best.promote("digits-mlp"))  # doctest: +SKIP

@@ -418,7 +418,9 @@ def load_model(
         CheckpointNotFoundError: unknown run, model, version or alias, or a run without checkpoint.
         CheckpointError: a checksum mismatch, a truncated, missing or foreign file.
         UnsafeCheckpointError: a weights file that would need code execution to load.
-        ConfigError: a bad device, or a model class that cannot be rebuilt here.
+        ConfigError: a device not on this machine (the ones that are are listed), or a model class
+            that cannot be rebuilt here.
+        TrackingStoreError: the tracking store refused a call, or did not answer (naming the URI).
 
     Example:
         >>> net = mlflow_best.load_model("models:/digits-mlp@best")  # doctest: +SKIP

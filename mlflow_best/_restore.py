@@ -167,7 +167,10 @@ def restore(
         CheckpointError: a checksum mismatch, a truncated, missing or foreign file.
         UnsafeCheckpointError: a file that would need code execution to load.
         ArchitectureMismatchError: the weights do not fit ``model``.
-        ConfigError: a bad device, or ``model=None`` when the model cannot be rebuilt.
+        ConfigError: a device that is not a torch device or not on this machine (the message lists
+            the ones that are), or ``model=None`` when the model cannot be rebuilt.
+        TrackingStoreError: the tracking store refused a call, or did not answer at all (within
+            seconds, naming the URI: MLflow's own retries are bounded for the call).
 
     Example:
         >>> r = mlflow_best.restore("models:/digits-mlp@best", device="cuda:0")  # doctest: +SKIP
