@@ -155,13 +155,13 @@ def test_restore_runs_with_bounded_http_settings_and_puts_them_back(
 def _absent(device: str) -> bool:
     kind = torch.device(device).type
     backend = getattr(torch, kind, None)
-    if kind == "meta" or backend is None or not backend.is_available():
+    if backend is None or not backend.is_available():
         return True
     index = torch.device(device).index
     return index is not None and index >= backend.device_count()
 
 
-@pytest.mark.parametrize("device", ["mps", "xpu", "xpu:1", "hpu", "cuda:7", "meta"])
+@pytest.mark.parametrize("device", ["mps", "xpu", "xpu:1", "hpu", "cuda:7"])
 def test_a_device_that_is_not_here_is_a_config_error_before_any_download(
     sqlite_uri: str, tmp_path: Path, device: str
 ) -> None:
@@ -169,7 +169,7 @@ def test_a_device_that_is_not_here_is_a_config_error_before_any_download(
         pytest.skip(f"{device} is available here")
     run, _, _ = run_sequence([1.0, 0.5], experiment=unique("dev"), verbose=False)
     cache = tmp_path / "never-filled"
-    shown = rf"device='{device}' (was asked for|holds no data).*available here: 'cpu'"
+    shown = rf"device='{device}' was asked for but .* available here: 'cpu'"
     with pytest.raises(mlflow_best.ConfigError, match=shown):
         mlflow_best.restore(run.run_id, device=device, cache_dir=cache)
     with pytest.raises(mlflow_best.ConfigError, match=shown):
