@@ -443,10 +443,13 @@ def _from_version(client: MlflowClient, mv: Any, alias: str | None = None) -> _S
             "restore only reads versions that track() registered"
         )
     if V_PRUNED in (mv.tags or {}):
-        how = f"alias @{alias} points at version {mv.version}" if alias else f"version {mv.version}"
+        how = (
+            f"alias @{alias} of {mv.name!r} points at version {mv.version}, which"
+            if alias else f"version {mv.version} of {mv.name!r}"
+        )
         raise CheckpointPrunedError(
-            f"{how} of {mv.name!r}: version {mv.version} was pruned by track(keep=...), its checkpoint files "
-            f"were deleted, so it cannot be restored; {_with_files(client, mv)}"
+            f"{how} was pruned by track(keep=...): its checkpoint files were deleted, so it cannot be "
+            f"restored; {_with_files(client, mv)}"
         )
     src = _from_logged_model(client, model_id)
     sha256 = (mv.tags or {}).get(V_SHA) or src.sha256

@@ -268,7 +268,7 @@ def test_restore_of_a_pruned_version_says_its_files_were_deleted_and_where_to_go
                  verbose=False)
     with pytest.raises(
         CheckpointPrunedError,
-        match=r"version 1 .* was pruned by track\(keep=\.\.\.\), its checkpoint files were deleted.*"
+        match=r"version 1 of '.*' was pruned by track\(keep=\.\.\.\): its checkpoint files were deleted.*"
         rf"the best version with files is 3 \(val_loss=0\.3\): 'models:/{name}/3'.*"
         rf"'models:/{name}@best' \(-> v3\)",
     ) as caught:
@@ -277,5 +277,6 @@ def test_restore_of_a_pruned_version_says_its_files_were_deleted_and_where_to_go
     assert isinstance(caught.value, mlflow_best.CheckpointNotFoundError)
     # An alias left on a pruned version (set by hand, or by an older mlflow_best): restore says so.
     MlflowClient(store).set_registered_model_alias(name, "old", "2")
-    with pytest.raises(CheckpointPrunedError, match=r"alias @old points at version 2 .* files were deleted"):
+    said = r"alias @old of '.*' points at version 2, which was pruned by track\(keep=\.\.\.\): its checkpoint"
+    with pytest.raises(CheckpointPrunedError, match=said):
         mlflow_best.load_model(f"models:/{name}@old")
