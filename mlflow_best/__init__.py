@@ -35,7 +35,8 @@ from mlflow_best._errors import (
 from mlflow_best._promote import Promotion, promote
 from mlflow_best._pyfunc import load_model
 from mlflow_best._recipe import factory_path
-from mlflow_best._restore import Restored, restore, sync
+from mlflow_best._replay import sync
+from mlflow_best._restore import Restored, restore
 from mlflow_best._tracker import Best, Run
 from mlflow_best._version import __version__
 

@@ -87,3 +87,7 @@ class UnsentError(MlflowBestError):
         super().__init__(message)
         self.staging_dir = staging_dir
         self.pending = pending
+
+    def __reduce__(self) -> tuple[type[UnsentError], tuple[str, str, list[str]]]:
+        # Exceptions pickle their ``args`` (the message only); multiprocessing and Ray need all three.
+        return (type(self), (str(self), self.staging_dir, self.pending))

@@ -13,7 +13,7 @@ import math
 import random
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +25,7 @@ from mlflow.exceptions import MlflowException
 from mlflow_best import _signing as signing
 from mlflow_best._checkpoint import manifest_sha256
 from mlflow_best._criterion import Criterion
-from mlflow_best._writer import ArtifactOp, CheckpointOp, EndOp, MetricsOp, Op, TagsOp, discard_folder
+from mlflow_best._staging import ArtifactOp, CheckpointOp, EndOp, MetricsOp, Op, TagsOp, discard_folder
 
 TAG = "mlflow_best."
 # Tags on each model version; plain keys so they read well in the registry UI.
@@ -242,11 +242,18 @@ class Publisher:
         self.keep = keep
         # Ops journaled before this publisher existed are replays (sync, resume) of another process.
         self._since_ms = int(time.time() * 1000)
+        self._best: tuple[float, int] | None = None  # what the run's best_* tags show, once known
 
-    def __call__(self, op: Op) -> None:
-        if isinstance(op, MetricsOp):
-            self.client.log_batch(self.run_id, metrics=self._metrics(op, model_id=None))
-        elif isinstance(op, CheckpointOp):
+    def __call__(self, ops: Sequence[Op]) -> None:
+        """Send one batch: metric items in a single ``log_batch``, any other item alone."""
+        if len(ops) != 1 or isinstance(ops[0], MetricsOp):
+            if not all(isinstance(op, MetricsOp) for op in ops):
+                raise TypeError("only metric items are sent together")
+            metrics = [m for op in ops for m in self._metrics(op, model_id=None)]  # type: ignore[arg-type]
+            self.client.log_batch(self.run_id, metrics=metrics)
+            return
+        op = ops[0]
+        if isinstance(op, CheckpointOp):
             if op.kind == "last":
                 self._publish_last(op)
             else:
@@ -325,7 +332,7 @@ class Publisher:
         if self.registered_model and self.alias and "alias" not in p:
             move_alias_to_best(self.client, self.registered_model, self.alias, self.monitor, self.criterion)
             p["alias"] = True
-        run_tags = {
+        run_tags: dict[str, str] = {} if self._behind_best(op) else {
             TAG + "best_epoch": str(op.epoch),
             TAG + "best_value": repr(op.value),
             TAG + "best_model_id": model_id,
@@ -333,16 +340,40 @@ class Publisher:
             TAG + "best_checkpoint": op.name,
         }
         if "version" in p:
-            run_tags[TAG + "best_version"] = p["version"]
+            if run_tags:
+                run_tags[TAG + "best_version"] = p["version"]
             if "model_tagged" not in p:
                 assert self.registered_model is not None
                 link_version(self.client, model_id, self.registered_model, p["version"])
                 p["model_tagged"] = True
-        self.client.log_batch(self.run_id, tags=[RunTag(k, v) for k, v in run_tags.items()])
+        if run_tags:
+            self.client.log_batch(self.run_id, tags=[RunTag(k, v) for k, v in run_tags.items()])
+            self._best = (op.value, op.epoch)
         if self.keep is not None:
             self._prune(self.keep)
         if self.on_registered is not None:
             self.on_registered(op)
+
+    def _behind_best(self, op: CheckpointOp) -> bool:
+        """A replay of an older process's checkpoint that the run's ``best_*`` tags have moved past.
+
+        Items of this process arrive in order, each better than the last; a replayed one (``sync``,
+        a resume) may be older than what the run already shows, and its tags must not move back.
+        """
+        if op.timestamp_ms >= self._since_ms and self._best is None:
+            return False
+        if self._best is None:
+            tags = self.client.get_run(self.run_id).data.tags
+            if TAG + "best_value" not in tags:
+                return False
+            try:
+                self._best = (float(tags[TAG + "best_value"]), int(tags.get(TAG + "best_epoch", "-1")))
+            except ValueError:
+                return False
+        value, epoch = self._best
+        if op.epoch == epoch:
+            return False
+        return op.epoch < epoch or not self.criterion.improves(op.value, value)
 
     def _prune(self, keep: int) -> None:
         """Delete the files of this run's checkpoints outside the ``keep`` best; tag them as pruned.

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import os
 import re
@@ -41,7 +40,6 @@ from mlflow_best._errors import (
     ConfigError,
     TrackingStoreError,
     UnsafeCheckpointError,
-    UnsentError,
 )
 from mlflow_best._promote import _ranges
 from mlflow_best._reach import QUIET_DOWNLOADS, bounded_http, probe, scoped_env, shown_uri
@@ -61,7 +59,6 @@ from mlflow_best._registry import (
     V_RUN,
     V_SHA,
     V_VALUE,
-    Publisher,
     _all_versions,
     best_version,
     is_missing,
@@ -69,7 +66,6 @@ from mlflow_best._registry import (
 )
 from mlflow_best._signing import SIGNATURE_FILE
 from mlflow_best._state import apply_rng, unwrap_model
-from mlflow_best._writer import CheckpointOp, Journal, MetricsOp, Op, describe, read_unsent
 
 RUN_FILE = "run.json"
 _RUN_ID = re.compile(r"^[0-9a-f]{32}$")
@@ -790,86 +786,3 @@ def latest_checkpoint(client: MlflowClient, run_id: str) -> tuple[Any, Any] | No
                 stacklevel=3,
             )
     return None
-
-
-def sync_staging(client: MlflowClient, staging: Path, *, quiet: bool = False) -> list[str]:
-    """Send a staging folder's unsent operations into its run, in order; return what is still unsent."""
-    run_file = staging / RUN_FILE
-    if not run_file.is_file():
-        return []
-    info = json.loads(run_file.read_text(encoding="utf-8"))
-    ops = read_unsent(staging)
-    if not ops:
-        return []
-    journal = Journal(staging)
-    publisher = Publisher(
-        client,
-        info["run_id"],
-        info["experiment_id"],
-        info["monitor"],
-        Criterion(info["mode"], float(info.get("min_delta", 0.0))),
-        info.get("registered_model"),
-        info.get("alias"),
-        keep=info.get("keep"),
-    )
-    left: list[str] = []
-    try:
-        for queued in ops:
-            op: Op = queued
-            if isinstance(op, CheckpointOp):
-                try:
-                    verify_checkpoint(Path(op.folder))
-                except CheckpointError as e:
-                    if not quiet:
-                        warnings.warn(
-                            f"mlflow_best: {describe(op)} was never completely written ({e}); sending "
-                            "that epoch's metrics without it",
-                            RuntimeWarning,
-                            stacklevel=2,
-                        )
-                    op = MetricsOp(op.seq, op.epoch, op.metrics, op.timestamp_ms)
-            try:
-                publisher(op)
-            except MlflowException as e:
-                left.append(f"{describe(op)}: {e.message}")
-                break
-            journal.mark_sent(op)
-    finally:
-        journal.close()
-    return left
-
-
-def sync(
-    run_id: str, *, tracking_uri: str | None = None, staging_dir: str | os.PathLike[str] | None = None
-) -> int:
-    """Upload what a run could not send (a dead server, a killed process) into that same run.
-
-    Args:
-        run_id: the run whose local staging folder holds unsent metrics and checkpoints.
-        tracking_uri: the MLflow tracking URI; None uses the one recorded for the run.
-        staging_dir: the ``staging_dir=`` given to ``track``, if any.
-
-    Returns:
-        The number of operations sent.
-
-    Raises:
-        CheckpointNotFoundError: there is no staging folder for ``run_id`` on this machine.
-        UnsentError: the tracking store still refused some of them (nothing is lost; call again).
-    """
-    root = Path(staging_dir) if staging_dir else home() / "runs"
-    staging = root / run_id
-    if not (staging / RUN_FILE).is_file():
-        raise CheckpointNotFoundError(
-            f"no staging folder for run {run_id} at {staging}; pass staging_dir= if track() used one"
-        )
-    info = json.loads((staging / RUN_FILE).read_text(encoding="utf-8"))
-    client = MlflowClient(tracking_uri=tracking_uri or info.get("tracking_uri") or mlflow.get_tracking_uri())
-    before = len(read_unsent(staging))
-    left = sync_staging(client, staging)
-    if left:
-        raise UnsentError(
-            f"mlflow_best.sync: {len(left)} item(s) of run {run_id} still did not reach MLflow: {left[0]}",
-            str(staging),
-            left,
-        )
-    return before

@@ -354,14 +354,7 @@ def sync(run_id: str, staging_dir: str | None, tracking_uri: str | None) -> None
     """
     import mlflow_best
 
-    try:
-        n = mlflow_best.sync(run_id, tracking_uri=tracking_uri, staging_dir=staging_dir)
-    except mlflow_best.CheckpointNotFoundError as e:
-        if staging_dir is not None:
-            raise
-        raise click.ClickException(
-            f"{e}; on the command line: mlflow-best sync {run_id} --staging-dir DIR"
-        ) from e
+    n = mlflow_best.sync(run_id, tracking_uri=tracking_uri, staging_dir=staging_dir)
     done = f"nothing to send: MLflow has all of run {run_id}"
     _echo(f"sent {n} item(s) of run {run_id}" if n else done)
 

@@ -473,8 +473,11 @@ def test_public_api_is_pinned() -> None:
 def test_log_epoch_after_the_block_is_refused(sqlite_uri: str) -> None:
     with mlflow_best.track(TinyNet(), None) as run:
         run.log_epoch(0, {"val_loss": 1.0})
-    with pytest.raises(RuntimeError, match=r"outside the `with mlflow_best\.track"):
+    before = (run.best, list(run.history), list(run.improvements))
+    with pytest.raises(mlflow_best.MlflowBestError, match=r"outside the `with mlflow_best\.track.*has ended"):
         run.log_epoch(1, {"val_loss": 0.5})
+    assert (run.best, run.history, run.improvements) == before  # nothing changed by the refused call
+    assert [m.step for m in MlflowClient(sqlite_uri).get_metric_history(run.run_id, "val_loss")] == [0]
 
 
 def test_resume_into_a_model_that_does_not_fit_leaves_the_run_as_it_was(sqlite_uri: str) -> None:

@@ -26,7 +26,7 @@ from mlflow import MlflowClient
 import mlflow_best
 from mlflow_best._checkpoint import verify_checkpoint
 from mlflow_best._config import home
-from mlflow_best._writer import CheckpointOp, read_unsent
+from mlflow_best._staging import CheckpointOp, read_unsent
 from tests._server import LineReader, die_with_parent
 from tests.helpers import unique
 
