@@ -135,10 +135,35 @@ def _paged(search: Callable[..., Any], *args: Any, **kwargs: Any) -> list[Any]:
             return out
 
 
+def name_filter(name: str) -> str:
+    """An MLflow search clause matching registered model ``name``, whatever characters it holds.
+
+    MLflow's filter grammar has no escape inside a quoted value (``'bob\\'s'`` and ``'bob''s'`` are
+    read as other names, and a backslash before the closing quote swallows it), so a name with a
+    single quote or a backslash is matched with ``LIKE``, each of those characters a one-character
+    wildcard. That can also match other names: callers keep the exact ones (``versions_named``).
+    """
+    if "'" not in name and "\\" not in name:
+        return f"name='{name}'"
+    return "name LIKE '" + "".join("_" if c in "'\\" else c for c in name) + "'"
+
+
 def _all_versions(client: MlflowClient, name: str, run_id: str | None = None) -> list[Any]:
-    escaped = name.replace("'", "\\'")
-    query = f"name='{escaped}'" + (f" and run_id='{run_id}'" if run_id else "")
-    return _paged(client.search_model_versions, query, max_results=1000)
+    """Every version of registered model ``name`` (of ``run_id``'s only, when given)."""
+    query = name_filter(name) + (f" and run_id='{run_id}'" if run_id else "")
+    return [v for v in _paged(client.search_model_versions, query, max_results=1000) if v.name == name]
+
+
+def known_models(client: MlflowClient, limit: int = 20) -> str:
+    """``'a', 'b', ...`` the registered models of the store (at most ``limit``), for error messages."""
+    try:
+        page = client.search_registered_models(max_results=limit)
+    except MlflowException:
+        return "the list could not be read"
+    names = ", ".join(repr(m.name) for m in page)
+    if not names:
+        return "no registered models"
+    return names + (", ..." if page.token else "")
 
 
 def _is_duplicate(error: MlflowException) -> bool:
