@@ -323,6 +323,7 @@ def sync(
     from mlflow import MlflowClient
 
     from mlflow_best._errors import CheckpointNotFoundError, UnsentError
+    from mlflow_best._reach import bounded_http
     from mlflow_best._staging import StagingLock, read_run_file, staging_root, sweep
 
     root = staging_root(staging_dir)
@@ -341,7 +342,8 @@ def sync(
     try:
         sweep(root, held=staging)
         uri = tracking_uri or info.get("tracking_uri") or mlflow.get_tracking_uri()
-        result = sync_staging(MlflowClient(tracking_uri=uri), staging, timeout=timeout)
+        with bounded_http():
+            result = sync_staging(MlflowClient(tracking_uri=uri), staging, timeout=timeout)
     finally:
         lock.release()
     if result.rejected or result.unsent:

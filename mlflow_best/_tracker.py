@@ -41,6 +41,7 @@ from mlflow_best._errors import (
 )
 from mlflow_best._plot import EpochPoint, plot_filename, render_metric_plot
 from mlflow_best._pyfunc import ModelFiles
+from mlflow_best._reach import bounded_http, probe
 from mlflow_best._recipe import (
     OptimizerRecipe,
     check_model_recipe,
@@ -68,15 +69,6 @@ from mlflow_best._staging import (
 from mlflow_best._state import SnapshotPool, capture_rng, to_plain, unwrap_model
 from mlflow_best._version import __version__
 from mlflow_best._writer import Pipeline
-
-# MLflow's HTTP client retries for ~4 minutes by default; our pipeline retries on its own, off the
-# training loop, so each single call is kept short while the block runs (and put back after it).
-# A user's own setting wins.
-_HTTP_DEFAULTS = {
-    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
-    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
-    "MLFLOW_HTTP_REQUEST_TIMEOUT": "10",
-}
 
 # A live run is leased: a tag that the upload thread renews, so a second resume= of the same run on
 # another machine is refused until the holder has been silent for _LEASE_S.
@@ -161,7 +153,9 @@ class Run:
         self._entered = False
         self._closed = False
         self._lock: StagingLock | None = None
-        self._http_set: list[str] = []  # the MLflow HTTP settings this block set (and puts back)
+        # MLflow's HTTP client retries for ~4 minutes by default; our pipeline retries on its own, off
+        # the training loop, so while the block runs each single call is kept short (then put back).
+        self._scope = contextlib.ExitStack()
         self._status_before_resume = "FAILED"
         # The monitored value per epoch, for the console lines and the plot logged at the end.
         self.history: list[EpochPoint] = []
@@ -206,10 +200,7 @@ class Run:
         return getattr(self, "_resume_state", None)
 
     def _start(self) -> None:
-        for key, value in _HTTP_DEFAULTS.items():
-            if key not in os.environ:
-                os.environ[key] = value
-                self._http_set.append(key)
+        self._scope.enter_context(bounded_http())
         try:
             self._open()
         except BaseException:
@@ -218,10 +209,7 @@ class Run:
 
     def _release(self) -> None:
         """Put back what the block changed for the process: MLflow's HTTP settings, the staging lock."""
-        for key in self._http_set:
-            if os.environ.get(key) == _HTTP_DEFAULTS[key]:
-                del os.environ[key]
-        self._http_set = []
+        self._scope.close()
         if self._lock is not None:
             self._lock.release()
             self._lock = None
@@ -229,6 +217,7 @@ class Run:
     def _open(self) -> None:
         cfg = self.config
         self.tracking_uri = cfg.tracking_uri or mlflow.get_tracking_uri()
+        probe(self.tracking_uri)  # a server that does not answer is said in seconds, naming the URI
         client = MlflowClient(tracking_uri=self.tracking_uri)
         self._client = client
         same_store = cfg.tracking_uri is None or cfg.tracking_uri == mlflow.get_tracking_uri()

@@ -12,7 +12,7 @@ import torch
 from mlflow import MlflowClient
 
 import mlflow_best
-from mlflow_best._tracker import _HTTP_DEFAULTS
+from mlflow_best._reach import HTTP_BOUNDS as _HTTP_DEFAULTS
 from tests._server import MlflowServer, free_port
 from tests.helpers import TinyNet, run_sequence, unique
 
