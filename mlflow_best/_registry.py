@@ -25,6 +25,7 @@ from mlflow.exceptions import MlflowException
 from mlflow_best import _signing as signing
 from mlflow_best._checkpoint import manifest_sha256
 from mlflow_best._criterion import Criterion
+from mlflow_best._retention import Candidate, aliases_of, to_prune
 from mlflow_best._staging import ArtifactOp, CheckpointOp, EndOp, MetricsOp, Op, TagsOp, discard_folder
 
 TAG = "mlflow_best."
@@ -380,33 +381,72 @@ class Publisher:
 
         Versions are tagged, not deleted: their lineage (run, epoch, metrics) stays visible in the
         registry and version numbers keep no gaps; ``restore`` names the pruning when asked for one.
-        The version holding the alias is never pruned.
+        A checkpoint whose version holds any alias (``track``'s own, a promoted ``@champion``, in any
+        registered model it was registered into) is never pruned (``_retention.to_prune``). The tag
+        comes first and the files go last, so no reader ever finds a version untagged without files.
         """
-        models = _search_logged_models(self.client, self.experiment_id, self.run_id)
-        ours = [
-            m
-            for m in models
-            if (m.tags or {}).get(V_MONITOR) == self.monitor and V_PRUNED not in (m.tags or {})
+        models = {
+            m.model_id: m
+            for m in _search_logged_models(self.client, self.experiment_id, self.run_id)
+            if (m.tags or {}).get(V_MONITOR) == self.monitor
+            and (m.tags or {}).get(V_MODE, self.criterion.mode) == self.criterion.mode
+            and V_PRUNED not in (m.tags or {})
             and str(m.status).endswith("READY")
-        ]
-        ours.sort(key=lambda m: (float(m.tags[V_VALUE]) * (1 if self.criterion.mode == "min" else -1),
-                                 -int(m.tags[V_EPOCH])))
-        holder: str | None = None
-        if self.registered_model and self.alias:
+        }
+        registrations = {model_id: self._registrations(m) for model_id, m in models.items()}
+        names = {name for regs in registrations.values() for name, _ in regs}
+        aliases = self._aliases(names)
+        candidates = []
+        for model_id, m in models.items():
             try:
-                holder_mv = self.client.get_model_version_by_alias(self.registered_model, self.alias)
-                holder = str(holder_mv.version)
+                epoch, value = int(m.tags[V_EPOCH]), float(m.tags[V_VALUE])
+            except (KeyError, ValueError):
+                continue  # not a checkpoint this run can rank: kept
+            candidates.append(Candidate(model_id, epoch, value, aliases_of(registrations[model_id], aliases)))
+        doomed = to_prune(candidates, keep, self.criterion.mode)
+        if not doomed:
+            return
+        for c in doomed:
+            for name, version in registrations[c.id]:
+                _unless_missing(self.client.set_model_version_tag, name, version, V_PRUNED, "true")
+            self.client.set_logged_model_tags(c.id, {V_PRUNED: "true"})
+        # An alias set while this ran (a promote racing the prune) wins: untag, keep the files.
+        fresh = self._aliases(names)
+        for c in doomed:
+            if aliases_of(registrations[c.id], fresh):
+                for name, version in registrations[c.id]:
+                    _unless_missing(self.client.delete_model_version_tag, name, version, V_PRUNED)
+                self.client.delete_logged_model_tag(c.id, V_PRUNED)
+                continue
+            _delete_artifacts(models[c.id].artifact_location)
+
+    def _registrations(self, model: Any) -> list[tuple[str, str]]:
+        """Every ``(registered model, version)`` made from a LoggedModel, as its tags record them."""
+        tags = model.tags or {}
+        found: set[tuple[str, str]] = set()
+        if self.registered_model and tags.get(TAG + "version"):
+            found.add((self.registered_model, str(tags[TAG + "version"])))
+        try:
+            linked = json.loads(tags.get(MODEL_VERSIONS_TAG) or "[]")
+        except ValueError:
+            linked = []
+        for entry in linked if isinstance(linked, list) else []:
+            if isinstance(entry, dict) and entry.get("name") and entry.get("version") is not None:
+                found.add((str(entry["name"]), str(entry["version"])))
+        return sorted(found)
+
+    def _aliases(self, names: set[str]) -> dict[str, dict[str, str]]:
+        """``{alias: version}`` of each registered model in ``names`` (a deleted one has none)."""
+        out: dict[str, dict[str, str]] = {}
+        for name in sorted(names):
+            try:
+                held = self.client.get_registered_model(name).aliases or {}
             except MlflowException as e:
                 if not is_missing(e):
                     raise
-        for m in ours[keep:]:
-            version = (m.tags or {}).get(TAG + "version")
-            if version is not None and version == holder:
-                continue
-            _delete_artifacts(m.artifact_location)
-            self.client.set_logged_model_tags(m.model_id, {V_PRUNED: "true"})
-            if version is not None and self.registered_model:
-                self.client.set_model_version_tag(self.registered_model, version, V_PRUNED, "true")
+                held = {}
+            out[name] = {str(a): str(v) for a, v in held.items()}
+        return out
 
     def _version_source(self, model_id: str) -> str:
         """``models:/<id>``, unless MLflow's database registry would resolve it in the wrong store.
@@ -468,6 +508,15 @@ class Publisher:
         if previous and previous != path:
             _delete_run_artifacts(self.client, self.run_id, previous)
         _delete_older_local_lasts(folder, op.epoch)
+
+
+def _unless_missing(call: Callable[..., Any], *args: Any) -> None:
+    """``call(*args)``; a version deleted by hand is nothing to tag, any other failure is raised."""
+    try:
+        call(*args)
+    except MlflowException as e:
+        if not is_missing(e):
+            raise
 
 
 def _search_logged_models(client: MlflowClient, experiment_id: str, run_id: str) -> list[Any]:
