@@ -209,7 +209,8 @@ def test_ranks_of_one_node_restoring_at_once_share_the_download_cache(
     import mlflow_best
 
     model = torch.nn.Linear(512, 2048)  # 4 MB: a download long enough for the ranks to overlap
-    with mlflow_best.track(model, None, experiment=unique("cache"), verbose=False) as run:
+    args = {"in_features": 512, "out_features": 2048}
+    with mlflow_best.track(model, None, experiment=unique("cache"), model_args=args, verbose=False) as run:
         run.log_epoch(0, {"val_loss": 1.0})
     torch.save(model.weight.detach().clone(), tmp_path / "weight.pt")
     script = tmp_path / "cache_worker.py"
