@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import uuid
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -65,3 +69,40 @@ class PairNet(nn.Module):
 
     def forward(self, a: torch.Tensor, b: torch.Tensor) -> dict[str, torch.Tensor]:
         return {"sum": self.fc(a + b), "diff": self.fc(a - b)}
+
+
+def launch_ranks(
+    script: Path, argv: Sequence[str], cwd: Path, world: int, *, log_prefix: str = "rank",
+    env: Mapping[str, str] | None = None, timeout: float = 240,
+) -> None:
+    """Run ``script`` as ``world`` gloo ranks (RANK / WORLD_SIZE / LOCAL_RANK set as torchrun does).
+
+    Fails the test naming the rank and the end of its log when a rank hangs or exits non-zero; no
+    rank outlives the call. Each rank's output goes to ``<cwd>/<log_prefix><rank>.log``.
+    """
+    import pytest
+
+    from tests._server import die_with_parent
+
+    procs = []
+    for rank in range(world):
+        rank_env = {**os.environ, **(env or {}), "RANK": str(rank), "WORLD_SIZE": str(world)}
+        rank_env["LOCAL_RANK"] = str(rank)
+        with open(cwd / f"{log_prefix}{rank}.log", "wb") as log:
+            procs.append(subprocess.Popen(
+                [sys.executable, str(script), *argv],
+                stdout=log, stderr=subprocess.STDOUT, env=rank_env, cwd=cwd, preexec_fn=die_with_parent,
+            ))
+    try:
+        for rank, p in enumerate(procs):
+            out = cwd / f"{log_prefix}{rank}.log"
+            try:
+                code = p.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                pytest.fail(f"rank {rank} hangs: {out.read_text()[-3000:]}")
+            assert code == 0, f"rank {rank} failed: {out.read_text()[-3000:]}"
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()

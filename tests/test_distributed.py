@@ -8,9 +8,6 @@ metrics, so that a rank deciding on its own numbers would be caught.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 from typing import Any
@@ -18,8 +15,7 @@ from typing import Any
 import pytest
 from mlflow import MlflowClient
 
-from tests._server import die_with_parent
-from tests.helpers import unique
+from tests.helpers import launch_ranks, unique
 
 pytestmark = pytest.mark.slow
 
@@ -102,27 +98,8 @@ WORKER = textwrap.dedent(
 def _launch(tmp_path: Path, experiment: str, name: str) -> list[dict[str, Any]]:
     script = tmp_path / "worker.py"
     script.write_text(WORKER, encoding="utf-8")
-    init = tmp_path / "init"
-    procs = []
-    for rank in range(WORLD):
-        env = dict(os.environ, RANK=str(rank), WORLD_SIZE=str(WORLD), LOCAL_RANK=str(rank))
-        with open(tmp_path / f"rank{rank}.log", "wb") as log:
-            procs.append(subprocess.Popen(
-                [sys.executable, str(script), str(init), str(tmp_path), experiment, name, json.dumps(VALUES)],
-                stdout=log, stderr=subprocess.STDOUT, env=env, cwd=tmp_path, preexec_fn=die_with_parent,
-            ))
-    try:
-        for rank, p in enumerate(procs):
-            try:
-                code = p.wait(timeout=240)
-            except subprocess.TimeoutExpired:
-                pytest.fail(f"rank {rank} hangs: {(tmp_path / f'rank{rank}.log').read_text()[-3000:]}")
-            assert code == 0, f"rank {rank} failed: {(tmp_path / f'rank{rank}.log').read_text()[-3000:]}"
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
+    argv = [str(tmp_path / "init"), str(tmp_path), experiment, name, json.dumps(VALUES)]
+    launch_ranks(script, argv, tmp_path, WORLD)
     return [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in range(WORLD)]
 
 
@@ -216,26 +193,9 @@ def test_ranks_of_one_node_restoring_at_once_share_the_download_cache(
     script = tmp_path / "cache_worker.py"
     script.write_text(CACHE_WORKER, encoding="utf-8")
     world, attempts = 3, 3
-    procs = []
-    for rank in range(world):
-        env = dict(os.environ, RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
-        env["MLFLOW_TRACKING_URI"] = sqlite_uri
-        args = [str(tmp_path / "init"), str(tmp_path), run.run_id, str(attempts)]
-        with open(tmp_path / f"cache-rank{rank}.log", "wb") as log:
-            procs.append(subprocess.Popen(
-                [sys.executable, str(script), *args],
-                stdout=log, stderr=subprocess.STDOUT, env=env, cwd=tmp_path, preexec_fn=die_with_parent,
-            ))
-    try:
-        for rank, p in enumerate(procs):
-            code = p.wait(timeout=240)
-            log_text = (tmp_path / f"cache-rank{rank}.log").read_text()
-            assert code == 0, f"rank {rank} failed: {log_text[-3000:]}"
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
+    argv = [str(tmp_path / "init"), str(tmp_path), run.run_id, str(attempts)]
+    env = {"MLFLOW_TRACKING_URI": sqlite_uri}
+    launch_ranks(script, argv, tmp_path, world, log_prefix="cache-rank", env=env)
     ranks = [json.loads((tmp_path / f"cache-rank{rank}.json").read_text()) for rank in range(world)]
     for attempt in range(attempts):
         got = [ranks[rank][attempt] for rank in range(world)]

@@ -3,11 +3,8 @@
 from __future__ import annotations
 
 import json
-import os
 import pickle
 import re
-import subprocess
-import sys
 import textwrap
 import threading
 import time
@@ -22,8 +19,7 @@ import mlflow_best
 from mlflow_best._errors import CheckpointError, ConfigError, UnsentError
 from mlflow_best._registry import Publisher
 from mlflow_best._staging import StagingLock, read_rejected, read_unsent
-from tests._server import die_with_parent
-from tests.helpers import TinyNet, unique
+from tests.helpers import TinyNet, launch_ranks, unique
 
 
 def _wait(predicate: object, what: str, timeout: float = 60.0) -> None:
@@ -281,26 +277,7 @@ DDP_WORKER = textwrap.dedent(
 def test_a_bad_metric_on_any_rank_raises_on_every_rank(sqlite_uri: str, tmp_path: Path) -> None:
     script = tmp_path / "worker.py"
     script.write_text(DDP_WORKER, encoding="utf-8")
-    procs = []
-    for rank in range(2):
-        env = dict(os.environ, RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank))
-        with open(tmp_path / f"rank{rank}.log", "wb") as log:
-            procs.append(subprocess.Popen(
-                [sys.executable, str(script), str(tmp_path / "init"), str(tmp_path), unique("ddp")],
-                stdout=log, stderr=subprocess.STDOUT, env=env, cwd=tmp_path, preexec_fn=die_with_parent,
-            ))
-    try:
-        for rank, p in enumerate(procs):
-            try:
-                code = p.wait(timeout=180)
-            except subprocess.TimeoutExpired:
-                pytest.fail(f"rank {rank} hangs: {(tmp_path / f'rank{rank}.log').read_text()[-2000:]}")
-            assert code == 0, (tmp_path / f"rank{rank}.log").read_text()[-3000:]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
+    launch_ranks(script, [str(tmp_path / "init"), str(tmp_path), unique("ddp")], tmp_path, 2, timeout=180)
     for rank in range(2):
         result = json.loads((tmp_path / f"rank{rank}.json").read_text())
         assert len(result["errors"]) == 1, (rank, result)
