@@ -46,8 +46,8 @@ def runs(
         A DataFrame with the columns ``experiment``, ``run_id``, ``run_name``, ``status``
         (``FINISHED``, ``RUNNING``, ``FAILED``, ``KILLED``), ``monitor``, ``mode`` (``min`` or
         ``max``), ``best_value`` (float, NaN before a first finite value), ``best_epoch`` and
-        ``version`` (nullable ints: ``<NA>`` when nothing was registered), ``registered_model``,
-        ``aliases`` (a list of the aliases that point at the run's best version now, e.g.
+        ``version`` (nullable ints), ``registered_model`` (missing, ``pd.isna``, for a run that
+        registers nothing), ``aliases`` (a list of the aliases that point at the run's best version now, e.g.
         ``["best", "champion"]``) and ``start_time`` (UTC). Rows are sorted best first within each
         monitored metric (lowest first for mode ``min``), newest first among equals. No runs: an
         empty DataFrame with those columns.
