@@ -40,6 +40,7 @@ from mlflow_best._recipe import (
     model_recipe,
 )
 from mlflow_best._registry import TAG, Publisher, checkpoint_name, ensure_registered_model, is_missing
+from mlflow_best._shell import command, ui_page
 from mlflow_best._state import SnapshotPool, capture_rng, to_plain, unwrap_model
 from mlflow_best._version import __version__
 from mlflow_best._writer import (
@@ -737,11 +738,11 @@ def _mark() -> str:
 
 def _ui_hint(tracking_uri: str, experiment_id: str, run_id: str) -> list[str]:
     """How to look at this run: the server's page, or the `mlflow ui` command for a database store."""
-    page = f"#/experiments/{experiment_id}/runs/{run_id}"
     if tracking_uri.startswith(("http://", "https://")):
-        return [f"{tracking_uri.rstrip('/')}/{page}"]
+        return [ui_page(tracking_uri, experiment_id, run_id)]
     if "://" in tracking_uri and not tracking_uri.startswith(("databricks", "file:")):
-        return [f"mlflow ui --backend-store-uri {tracking_uri}", f"then http://127.0.0.1:5000/{page}"]
+        return [f"{command('mlflow')} ui --backend-store-uri {tracking_uri}",
+                f"then {ui_page('http://127.0.0.1:5000', experiment_id, run_id)}"]
     return []
 
 
