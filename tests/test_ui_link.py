@@ -39,7 +39,7 @@ def test_the_summary_links_the_run_in_the_training_view(
     run, _, _ = run_sequence([0.5], verbose=True)
     out = capsys.readouterr().out.splitlines()
     first = next(i for i, line in enumerate(out) if line.startswith("  open the UI   "))
-    hint = [out[first].removeprefix("  open the UI   "), out[first + 1].strip()]
+    hint = [out[first].removeprefix("  open the UI   "), *(line.strip() for line in out[first + 1:first + 2])]
     if store.startswith("http"):
         link = hint[0]
         assert link.startswith(store.rstrip("/") + "/#/")
