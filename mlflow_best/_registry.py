@@ -15,17 +15,17 @@ import re
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
-
-import mlflow
-from mlflow import MlflowClient
-from mlflow.entities import LoggedModelOutput, Metric, RunTag
-from mlflow.exceptions import MlflowException
+from typing import TYPE_CHECKING, Any
 
 from mlflow_best import _signing as signing
 from mlflow_best._checkpoint import manifest_sha256
 from mlflow_best._criterion import Criterion
 from mlflow_best._writer import ArtifactOp, CheckpointOp, EndOp, MetricsOp, Op, TagsOp, discard_folder
+
+if TYPE_CHECKING:
+    from mlflow import MlflowClient
+    from mlflow.entities import Metric
+    from mlflow.exceptions import MlflowException
 
 TAG = "mlflow_best."
 # Tags on each model version; plain keys so they read well in the registry UI.
@@ -85,6 +85,8 @@ def link_version(client: MlflowClient, model_id: str, name: str, version: str) -
 
 def ensure_registered_model(client: MlflowClient, name: str) -> None:
     """Create the registered model if it does not exist (safe against a concurrent creator)."""
+    from mlflow.exceptions import MlflowException
+
     try:
         client.get_registered_model(name)
     except MlflowException as e:
@@ -163,6 +165,8 @@ def move_alias_to_best(
     after its own version exists, so a stale write by another process is always followed by that
     process's own check, which repairs it.
     """
+    from mlflow.exceptions import MlflowException
+
     for attempt in range(_ALIAS_ATTEMPTS):
         best = best_version(client, name, monitor, criterion)
         if best is None:
@@ -219,6 +223,8 @@ class Publisher:
         self._since_ms = int(time.time() * 1000)
 
     def __call__(self, op: Op) -> None:
+        from mlflow.entities import RunTag
+
         if isinstance(op, MetricsOp):
             self.client.log_batch(self.run_id, metrics=self._metrics(op, model_id=None))
         elif isinstance(op, CheckpointOp):
@@ -234,12 +240,17 @@ class Publisher:
             self.client.set_terminated(self.run_id, op.status)
 
     def _metrics(self, op: MetricsOp | CheckpointOp, model_id: str | None) -> list[Metric]:
+        from mlflow.entities import Metric
+
         return [
             Metric(k, v, op.timestamp_ms, op.epoch, model_id=model_id, run_id=self.run_id)
             for k, v in op.metrics.items()
         ]
 
     def _publish_best(self, op: CheckpointOp) -> None:
+        from mlflow.entities import LoggedModelOutput, RunTag
+        from mlflow.exceptions import MlflowException
+
         p = op.progress
         folder = Path(op.folder)
         if "sha256" not in p:
@@ -326,6 +337,8 @@ class Publisher:
         registry and version numbers keep no gaps; ``restore`` names the pruning when asked for one.
         The version holding the alias is never pruned.
         """
+        from mlflow.exceptions import MlflowException
+
         models = _search_logged_models(self.client, self.experiment_id, self.run_id)
         ours = [
             m
@@ -360,6 +373,8 @@ class Publisher:
         The LoggedModel's own artifact location is then the source; the ``mlflow_best.model_id``
         tag keeps the link for ``restore``.
         """
+        import mlflow
+
         uri = self.client.tracking_uri
         scheme = uri.split(":", 1)[0].split("+", 1)[0]
         if scheme in ("sqlite", "postgresql", "mysql", "mssql") and uri != mlflow.get_tracking_uri():
@@ -387,6 +402,8 @@ class Publisher:
                     break
 
     def _publish_last(self, op: CheckpointOp) -> None:
+        from mlflow.entities import RunTag
+
         p = op.progress
         folder = Path(op.folder)
         path = f"checkpoints/last-epoch={op.epoch:04d}"
@@ -420,6 +437,7 @@ def _search_logged_models(client: MlflowClient, experiment_id: str, run_id: str)
 
 
 def _delete_artifacts(artifact_uri: str, path: str | None = None) -> None:
+    from mlflow.exceptions import MlflowException
     from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
 
     # A stale folder costs storage only; tags point at what is current.

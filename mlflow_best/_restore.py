@@ -14,12 +14,9 @@ import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import mlflow
 import torch
-from mlflow import MlflowClient
-from mlflow.exceptions import MlflowException
 
 from mlflow_best._cache import Seal
 from mlflow_best._checkpoint import (
@@ -63,6 +60,9 @@ from mlflow_best._registry import (
 )
 from mlflow_best._state import apply_rng, unwrap_model
 from mlflow_best._writer import CheckpointOp, Journal, MetricsOp, Op, describe, read_unsent
+
+if TYPE_CHECKING:
+    from mlflow import MlflowClient
 
 RUN_FILE = "run.json"
 _RUN_ID = re.compile(r"^[0-9a-f]{32}$")
@@ -166,6 +166,9 @@ def restore(
         >>> r = mlflow_best.restore("models:/digits-mlp@best", device="cuda:0")  # doctest: +SKIP
         >>> r.model.eval(); r.epoch, r.metrics["val_loss"]  # doctest: +SKIP
     """
+    import mlflow
+    from mlflow import MlflowClient
+
     target = _device(device)
     cache = Path(cache_dir) if cache_dir else home() / "cache"
     client: MlflowClient | None = None
@@ -284,6 +287,8 @@ def _device(device: str | torch.device) -> torch.device:
 
 # -- resolving references -------------------------------------------------------------------------
 def _resolve(client: MlflowClient, ref: str) -> _Source:
+    from mlflow.exceptions import MlflowException
+
     if not isinstance(ref, str) or not ref:
         raise ConfigError(
             f"ref={ref!r} must be a run id, 'runs:/<id>', 'models:/<name>/<version>' or "
@@ -306,6 +311,8 @@ def _resolve(client: MlflowClient, ref: str) -> _Source:
 
 
 def _resolve_model(client: MlflowClient, rest: str, ref: str) -> _Source:
+    from mlflow.exceptions import MlflowException
+
     if "@" in rest:
         name, alias = rest.rsplit("@", 1)
         try:
@@ -452,6 +459,9 @@ def fetch(client: MlflowClient, source: _Source, cache: Path) -> Path:
     and the manifest against what MLflow recorded. The cache only saves downloads; it lives in a
     ``0700`` folder with read-only files.
     """
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
     if source.sha256 is None and os.path.isdir(source.artifact_uri):
         return Path(source.artifact_uri)  # a local staged copy: verified by the loader, in place
     if source.sha256:
@@ -627,6 +637,8 @@ def latest_checkpoint(client: MlflowClient, run_id: str) -> tuple[Any, Any] | No
 
 def sync_staging(client: MlflowClient, staging: Path, *, quiet: bool = False) -> list[str]:
     """Send a staging folder's unsent operations into its run, in order; return what is still unsent."""
+    from mlflow.exceptions import MlflowException
+
     run_file = staging / RUN_FILE
     if not run_file.is_file():
         return []
@@ -689,6 +701,9 @@ def sync(
         CheckpointNotFoundError: there is no staging folder for ``run_id`` on this machine.
         UnsentError: the tracking store still refused some of them (nothing is lost; call again).
     """
+    import mlflow
+    from mlflow import MlflowClient
+
     root = Path(staging_dir) if staging_dir else home() / "runs"
     staging = root / run_id
     if not (staging / RUN_FILE).is_file():

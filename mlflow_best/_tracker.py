@@ -15,14 +15,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import mlflow
 import torch
-from mlflow import MlflowClient
-from mlflow.entities import Param, RunStatus, RunTag
-from mlflow.exceptions import MlflowException
-from mlflow.tracking.context.registry import resolve_tags
 
 from mlflow_best import _distributed as dist
 from mlflow_best import _errors
@@ -53,6 +48,9 @@ from mlflow_best._writer import (
     TagsOp,
     describe,
 )
+
+if TYPE_CHECKING:
+    from mlflow import MlflowClient
 
 # MLflow's HTTP client retries for ~4 minutes by default; our pipeline retries on its own, off the
 # training loop, so each single call is kept short. A user's own setting wins.
@@ -181,6 +179,10 @@ class Run:
         return getattr(self, "_resume_state", None)
 
     def _start(self) -> None:
+        import mlflow
+        from mlflow import MlflowClient
+        from mlflow.exceptions import MlflowException
+
         cfg = self.config
         for key, value in _HTTP_DEFAULTS.items():
             os.environ.setdefault(key, value)
@@ -245,6 +247,9 @@ class Run:
             self._fluent = True
 
     def _create(self, client: MlflowClient, parent: str | None, default_experiment: str | None) -> Any:
+        from mlflow.entities import Param
+        from mlflow.tracking.context.registry import resolve_tags
+
         cfg = self.config
         if cfg.experiment is None and default_experiment is not None:
             experiment_id = default_experiment
@@ -267,6 +272,8 @@ class Run:
 
     def _join(self, client: MlflowClient, run_id: str, experiment_id: str) -> Any:
         """Track inside the user's active run: log params and tags into it; its owner ends it."""
+        from mlflow.entities import RunTag
+
         cfg = self.config
         if cfg.resume is not None and cfg.resume != run_id:
             raise ConfigError(
@@ -294,6 +301,8 @@ class Run:
         return run
 
     def _reopen(self, client: MlflowClient, run_id: str) -> Any:
+        from mlflow.exceptions import MlflowException
+
         try:
             run = client.get_run(run_id)
         except MlflowException as e:
@@ -313,6 +322,8 @@ class Run:
 
     def _log_new_params(self, client: MlflowClient, run: Any, *, resumed: bool) -> None:
         """Log the params the run does not have yet; MLflow refuses to change a param's value."""
+        from mlflow.entities import Param, RunTag
+
         known = run.data.params
         params = self._params()
         new = {k: v for k, v in params.items() if k not in known}
@@ -602,6 +613,8 @@ class Run:
     ) -> None:
         if not self._leader:
             return None
+        from mlflow.entities import RunStatus
+
         if exc_type is None:
             status = RunStatus.to_string(RunStatus.FINISHED)
         elif issubclass(exc_type, KeyboardInterrupt):
@@ -709,6 +722,8 @@ class Run:
 
     def _alias_holder(self) -> str | None:
         """The version the alias points at now; it may belong to another run's better epoch."""
+        from mlflow.exceptions import MlflowException
+
         if self._client is None or not self.config.registered_model or not self.config.alias:
             return None
         try:
@@ -750,6 +765,8 @@ def _earlier_points(
     client: MlflowClient, run_id: str, cfg: TrackConfig, before: int
 ) -> tuple[list[EpochPoint], int | None]:
     """The monitored history of a resumed run (its plot covers every epoch), and its last logged epoch."""
+    from mlflow.exceptions import MlflowException
+
     try:
         history = sorted(client.get_metric_history(run_id, cfg.monitor), key=lambda m: (m.step, m.timestamp))
     except MlflowException:
@@ -795,6 +812,8 @@ def _progress_line(in_flight: int, elapsed: float) -> None:
 
 
 def _ensure_experiment(client: MlflowClient, name: str | None) -> str:
+    from mlflow.exceptions import MlflowException
+
     if name is None:
         name = os.environ.get("MLFLOW_EXPERIMENT_NAME") or "Default"
     found = client.get_experiment_by_name(name)

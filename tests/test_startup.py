@@ -149,3 +149,55 @@ def test_every_rule_agrees_with_mlflow_on_any_short_name(name: str) -> None:
     assert (alias_rule(name) is None) == (
         _mlflow_message(validation._validate_model_alias_name, name) is None
     )
+
+
+# -- DDP: only rank 0 talks to MLflow, so only rank 0 imports it -------------------------------------
+RANK_WORKER = """
+import json, os, sys
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+import mlflow_best
+
+rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+dist.init_process_group("gloo", init_method=f"file://{sys.argv[1]}", rank=rank, world_size=world)
+torch.manual_seed(0)
+model = DDP(torch.nn.Linear(4, 2))
+opt = torch.optim.Adam(model.parameters(), lr=0.01)
+with mlflow_best.track(model, opt, experiment="ddp-startup", registered_model="ddp-startup",
+                       model_args={"in_features": 4, "out_features": 2}, input_example=torch.randn(2, 4),
+                       verbose=False) as run:
+    for epoch in range(3):
+        run.log_epoch(epoch, {"val_loss": 1.0 / (epoch + 1)})
+dist.barrier()
+loaded = "mlflow" in sys.modules
+dist.destroy_process_group()
+print(json.dumps({"rank": rank, "run_id": run.run_id, "best": run.best.epoch, "mlflow": loaded}))
+"""
+
+
+@pytest.mark.slow
+def test_only_rank_0_imports_mlflow(sqlite_uri: str, tmp_path: Path) -> None:
+    script = tmp_path / "rank_worker.py"
+    script.write_text(RANK_WORKER, encoding="utf-8")
+    procs = []
+    for rank in range(2):
+        env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": "2", "MLFLOW_TRACKING_URI": sqlite_uri,
+               "PYTHONPATH": str(ROOT)}
+        procs.append(subprocess.Popen([sys.executable, str(script), str(tmp_path / "init")], env=env,
+                                      cwd=tmp_path, text=True, stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE))
+    results = []
+    try:
+        for p in procs:
+            out, err = p.communicate(timeout=240)
+            assert p.returncode == 0, err[-3000:]
+            results.append(json.loads(out.strip().splitlines()[-1]))
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    rank0, rank1 = sorted(results, key=lambda r: r["rank"])
+    assert rank0["run_id"] == rank1["run_id"] and rank0["best"] == rank1["best"] == 2
+    assert rank0["mlflow"] is True  # it logged the run
+    assert rank1["mlflow"] is False, "rank 1 imported mlflow"
