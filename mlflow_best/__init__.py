@@ -33,7 +33,8 @@ from mlflow_best._version import __version__
 if _typing.TYPE_CHECKING:
     from mlflow_best._promote import Promotion, promote
     from mlflow_best._pyfunc import load_model
-    from mlflow_best._restore import Restored, restore, sync
+    from mlflow_best._replay import sync
+    from mlflow_best._restore import Restored, restore
     from mlflow_best._runs import runs
     from mlflow_best._tracker import Best, Run
 
@@ -69,7 +70,7 @@ _LAZY = {
     "load_model": "_pyfunc",
     "Restored": "_restore",
     "restore": "_restore",
-    "sync": "_restore",
+    "sync": "_replay",
     "runs": "_runs",
 }
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from fractions import Fraction
 from typing import Literal
 
 from mlflow_best._errors import ConfigError
@@ -16,7 +17,8 @@ MODES: tuple[Mode, ...] = ("min", "max")
 class Criterion:
     """The improvement rule: strictly better than ``best`` by more than ``min_delta``.
 
-    NaN and ±inf never improve; the first finite value always does.
+    NaN and ±inf never improve; the first finite value always does. The margin is compared exactly
+    (no float rounding of ``best - min_delta``).
     """
 
     mode: Mode = "min"
@@ -42,9 +44,12 @@ class Criterion:
             return False
         if best is None:
             return True
-        if self.mode == "min":
-            return value < best - self.min_delta
-        return value > best + self.min_delta
+        if not self.min_delta or not math.isfinite(best):
+            return self.better(value, best)  # comparing two floats is exact
+        # The margin in exact arithmetic: ``best - min_delta`` in floats rounds, and an epoch within
+        # one ulp of that threshold would be judged against a threshold nobody set.
+        gain = Fraction(best) - Fraction(value) if self.mode == "min" else Fraction(value) - Fraction(best)
+        return gain > Fraction(self.min_delta)
 
     def better(self, a: float, b: float) -> bool:
         """Return True when ``a`` is strictly better than ``b`` under this mode (no margin)."""

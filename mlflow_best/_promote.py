@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-
-import mlflow
-from mlflow import MlflowClient
-from mlflow.exceptions import MlflowException
+from typing import TYPE_CHECKING
 
 from mlflow_best._criterion import Criterion
 from mlflow_best._errors import CheckpointNotFoundError, ConfigError, TrackingStoreError
+from mlflow_best._reach import reach, shown_uri
 from mlflow_best._registry import (
     V_MODE,
     V_MONITOR,
@@ -19,7 +17,11 @@ from mlflow_best._registry import (
     _all_versions,
     best_version,
     is_missing,
+    known_models,
 )
+
+if TYPE_CHECKING:
+    from mlflow import MlflowClient
 
 
 @dataclass(frozen=True)
@@ -85,40 +87,46 @@ def promote(
         CheckpointNotFoundError: the model or version does not exist, or its files were pruned.
         ConfigError: a malformed version or alias, or versions that record different metrics or
             modes, so "best" is ambiguous.
-        TrackingStoreError: the tracking store refused a call.
+        TrackingStoreError: the tracking store refused a call, or did not answer (naming the URI).
 
     Example:
         >>> print(mlflow_best.promote("digits-mlp"))  # doctest: +SKIP
         digits-mlp@champion -> v7 (best val_loss=0.1274 of 7 version(s), mode min: lower is better); was v5
     """
+    import mlflow
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
     if version is not None and (isinstance(version, bool) or not str(version).isdigit()):
         raise ConfigError(f"version={version!r} must be a version number such as 3, or None to pick the best")
     if not isinstance(alias, str) or not alias:
         raise ConfigError(f"alias={alias!r} must be a non-empty str, e.g. alias='champion'")
     if alias.lower() == "latest" or (alias[:1] in "vV" and alias[1:].isdigit()):
         raise ConfigError(f"alias={alias!r} is reserved by the MLflow registry (latest, v<N>); pick another")
-    client = MlflowClient(tracking_uri=tracking_uri or mlflow.get_tracking_uri())
-    try:
-        return _promote(client, name, None if version is None else str(version), alias)
-    except MlflowException as e:
-        if e.error_code == "INVALID_PARAMETER_VALUE":
-            raise ConfigError(f"MLflow refused promote({name!r}, alias={alias!r}): {e.message}") from e
-        raise TrackingStoreError(
-            f"promote({name!r}) failed at the tracking store {client.tracking_uri!r}: {e.message}"
-        ) from e
+    uri = tracking_uri or mlflow.get_tracking_uri()
+    with reach(uri):
+        client = MlflowClient(tracking_uri=uri)
+        try:
+            return _promote(client, name, None if version is None else str(version), alias)
+        except MlflowException as e:
+            if e.error_code == "INVALID_PARAMETER_VALUE":
+                raise ConfigError(f"MLflow refused promote({name!r}, alias={alias!r}): {e.message}") from e
+            raise TrackingStoreError(
+                f"promote({name!r}) failed at the tracking store {shown_uri(uri)!r}: {e.message}"
+            ) from e
 
 
 def _promote(client: MlflowClient, name: str, version: str | None, alias: str) -> Promotion:
+    from mlflow.exceptions import MlflowException
+
     try:
         client.get_registered_model(name)
     except MlflowException as e:
         if not is_missing(e):
             raise
-        known = [m.name for m in client.search_registered_models(max_results=20)]
         raise CheckpointNotFoundError(
-            f"registered model {name!r} does not exist in {client.tracking_uri!r} (it has: "
-            f"{', '.join(repr(k) for k in known) or 'no registered models'}); pass one of these, or train "
-            "with track(registered_model=...) first"
+            f"registered model {name!r} does not exist in {shown_uri(client.tracking_uri)!r} (it has: "
+            f"{known_models(client)}); pass one of these, or train with track(registered_model=...) first"
         ) from e
     monitor = mode = None
     value = None

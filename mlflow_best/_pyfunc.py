@@ -22,10 +22,7 @@ Python callers, with ``restore``'s references and download cache.
 
 from __future__ import annotations
 
-import contextlib
 import os
-import shutil
-import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,23 +47,17 @@ from mlflow_best._checkpoint import (
     verify_checkpoint,
 )
 from mlflow_best._config import home
-from mlflow_best._errors import CheckpointError, ConfigError, TrackingStoreError
+from mlflow_best._errors import CheckpointError, ConfigError
+from mlflow_best._reach import reach
 from mlflow_best._recipe import plan_model
 from mlflow_best._restore import (
-    _check_sizes,
     _device,
     _evict,
-    _publish_to_cache,
     _resolve,
     _Source,
-    _sweep_leftovers,
-    cache_hit,
     check_identity,
-    check_recorded,
-    private_dir,
-    seal,
+    download_into_cache,
 )
-from mlflow_best._signing import SIGNATURE_FILE
 from mlflow_best._version import __version__
 
 if TYPE_CHECKING:
@@ -444,7 +435,9 @@ def load_model(
         CheckpointNotFoundError: unknown run, model, version or alias, or a run without checkpoint.
         CheckpointError: a checksum mismatch, a truncated, missing or foreign file.
         UnsafeCheckpointError: a weights file that would need code execution to load.
-        ConfigError: a bad device, or a model class that cannot be rebuilt here.
+        ConfigError: a device not on this machine (the ones that are are listed), or a model class
+            that cannot be rebuilt here.
+        TrackingStoreError: the tracking store refused a call, or did not answer (naming the URI).
 
     Example:
         >>> net = mlflow_best.load_model("models:/digits-mlp@best")  # doctest: +SKIP
@@ -483,9 +476,16 @@ def load_for_inference(
         folder = Path(ref)
         manifest, model = load_weights(folder, target, trust_code=trust_code)
         return Loaded(model, manifest, folder, manifest.data.get("run_id"), None)
-    client = MlflowClient(tracking_uri=tracking_uri or mlflow.get_tracking_uri())
-    source = _resolve(client, ref)
     cache = Path(cache_dir) if cache_dir else home() / "cache"
+    uri = tracking_uri or mlflow.get_tracking_uri()
+    with reach(uri):
+        return _load_remote(MlflowClient(tracking_uri=uri), ref, target, cache, trust_code)
+
+
+def _load_remote(
+    client: MlflowClient, ref: str, target: torch.device, cache: Path, trust_code: bool
+) -> Loaded:
+    source = _resolve(client, ref)
     folder = _fetch_weights(client, source, cache)
     try:
         manifest, model = load_weights(
@@ -512,54 +512,4 @@ def _fetch_weights(client: MlflowClient, source: _Source, cache: Path) -> Path:
     A full copy that ``restore`` cached serves too; otherwise the two files go to ``cache/weights``.
     The loader hashes what it reads; this only saves downloads.
     """
-    from mlflow.exceptions import MlflowException
-
-    if source.sha256 is None and os.path.isdir(source.artifact_uri):
-        return Path(source.artifact_uri)  # a local staged copy with no recorded hash
-    weights = cache / "weights"
-    if source.sha256:
-        for cached in (cache / source.sha256, weights / source.sha256):
-            if cache_hit(cached, [MODEL_FILE]):
-                return cached
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    private_dir(weights)
-    _sweep_leftovers(weights)
-    tmp = weights / f".download-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    stored = source.artifact_uri.rstrip("/")
-    try:
-        try:
-            _download(client, stored, MANIFEST, tmp)
-        except (MlflowException, OSError):
-            # A version whose source is the LoggedModel's folder rather than its artifacts.
-            stored += "/artifacts"
-            _download(client, stored, MANIFEST, tmp)
-        manifest = read_manifest(tmp)
-        check_recorded(manifest, source)
-        _download(client, stored, MODEL_FILE, tmp)
-        with contextlib.suppress(MlflowException, OSError, CheckpointError):
-            _download(client, stored, SIGNATURE_FILE, tmp)
-        _check_sizes(tmp, manifest, [MODEL_FILE])
-        seal(tmp)
-        return _publish_to_cache(tmp, weights / manifest.sha256, weights)
-    except CheckpointError as e:
-        raise type(e)(str(e).replace(str(tmp), stored)) from e
-    except MlflowException as e:
-        raise TrackingStoreError(f"downloading {stored} failed: {e.message}") from e
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _download(client: MlflowClient, stored: str, name: str, dst: Path) -> None:
-    import mlflow
-
-    local = Path(
-        mlflow.artifacts.download_artifacts(
-            artifact_uri=f"{stored}/{name}", dst_path=str(dst), tracking_uri=client.tracking_uri
-        )
-    )
-    if local != dst / name:
-        shutil.move(str(local), dst / name)
-    if not (dst / name).is_file():
-        raise CheckpointError(f"{stored}/{name} is missing; the checkpoint is incomplete")
-
+    return download_into_cache(client, source, cache, weights_only=True)

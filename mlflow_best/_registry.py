@@ -13,14 +13,15 @@ import math
 import random
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from mlflow_best import _signing as signing
 from mlflow_best._checkpoint import manifest_sha256
 from mlflow_best._criterion import Criterion
-from mlflow_best._writer import ArtifactOp, CheckpointOp, EndOp, MetricsOp, Op, TagsOp, discard_folder
+from mlflow_best._retention import Candidate, aliases_of, to_prune
+from mlflow_best._staging import ArtifactOp, CheckpointOp, EndOp, MetricsOp, Op, TagsOp, discard_folder
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -137,10 +138,37 @@ def _paged(search: Callable[..., Any], *args: Any, **kwargs: Any) -> list[Any]:
             return out
 
 
+def name_filter(name: str) -> str:
+    """An MLflow search clause matching registered model ``name``, whatever characters it holds.
+
+    MLflow's filter grammar has no escape inside a quoted value (``'bob\\'s'`` and ``'bob''s'`` are
+    read as other names, and a backslash before the closing quote swallows it), so a name with a
+    single quote or a backslash is matched with ``LIKE``, each of those characters a one-character
+    wildcard. That can also match other names: callers keep the exact ones (``versions_named``).
+    """
+    if "'" not in name and "\\" not in name:
+        return f"name='{name}'"
+    return "name LIKE '" + "".join("_" if c in "'\\" else c for c in name) + "'"
+
+
 def _all_versions(client: MlflowClient, name: str, run_id: str | None = None) -> list[Any]:
-    escaped = name.replace("'", "\\'")
-    query = f"name='{escaped}'" + (f" and run_id='{run_id}'" if run_id else "")
-    return _paged(client.search_model_versions, query, max_results=1000)
+    """Every version of registered model ``name`` (of ``run_id``'s only, when given)."""
+    query = name_filter(name) + (f" and run_id='{run_id}'" if run_id else "")
+    return [v for v in _paged(client.search_model_versions, query, max_results=1000) if v.name == name]
+
+
+def known_models(client: MlflowClient, limit: int = 20) -> str:
+    """``'a', 'b', ...`` the registered models of the store (at most ``limit``), for error messages."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        page = client.search_registered_models(max_results=limit)
+    except MlflowException:
+        return "the list could not be read"
+    names = ", ".join(repr(m.name) for m in page)
+    if not names:
+        return "no registered models"
+    return names + (", ..." if page.token else "")
 
 
 def _is_duplicate(error: MlflowException) -> bool:
@@ -221,13 +249,20 @@ class Publisher:
         self.keep = keep
         # Ops journaled before this publisher existed are replays (sync, resume) of another process.
         self._since_ms = int(time.time() * 1000)
+        self._best: tuple[float, int] | None = None  # what the run's best_* tags show, once known
 
-    def __call__(self, op: Op) -> None:
+    def __call__(self, ops: Sequence[Op]) -> None:
+        """Send one batch: metric items in a single ``log_batch``, any other item alone."""
         from mlflow.entities import RunTag
 
-        if isinstance(op, MetricsOp):
-            self.client.log_batch(self.run_id, metrics=self._metrics(op, model_id=None))
-        elif isinstance(op, CheckpointOp):
+        if len(ops) != 1 or isinstance(ops[0], MetricsOp):
+            if not all(isinstance(op, MetricsOp) for op in ops):
+                raise TypeError("only metric items are sent together")
+            metrics = [m for op in ops for m in self._metrics(op, model_id=None)]  # type: ignore[arg-type]
+            self.client.log_batch(self.run_id, metrics=metrics)
+            return
+        op = ops[0]
+        if isinstance(op, CheckpointOp):
             if op.kind == "last":
                 self._publish_last(op)
             else:
@@ -311,7 +346,7 @@ class Publisher:
         if self.registered_model and self.alias and "alias" not in p:
             move_alias_to_best(self.client, self.registered_model, self.alias, self.monitor, self.criterion)
             p["alias"] = True
-        run_tags = {
+        run_tags: dict[str, str] = {} if self._behind_best(op) else {
             TAG + "best_epoch": str(op.epoch),
             TAG + "best_value": repr(op.value),
             TAG + "best_model_id": model_id,
@@ -319,51 +354,114 @@ class Publisher:
             TAG + "best_checkpoint": op.name,
         }
         if "version" in p:
-            run_tags[TAG + "best_version"] = p["version"]
+            if run_tags:
+                run_tags[TAG + "best_version"] = p["version"]
             if "model_tagged" not in p:
                 assert self.registered_model is not None
                 link_version(self.client, model_id, self.registered_model, p["version"])
                 p["model_tagged"] = True
-        self.client.log_batch(self.run_id, tags=[RunTag(k, v) for k, v in run_tags.items()])
+        if run_tags:
+            self.client.log_batch(self.run_id, tags=[RunTag(k, v) for k, v in run_tags.items()])
+            self._best = (op.value, op.epoch)
         if self.keep is not None:
             self._prune(self.keep)
         if self.on_registered is not None:
             self.on_registered(op)
+
+    def _behind_best(self, op: CheckpointOp) -> bool:
+        """A replay of an older process's checkpoint that the run's ``best_*`` tags have moved past.
+
+        Items of this process arrive in order, each better than the last; a replayed one (``sync``,
+        a resume) may be older than what the run already shows, and its tags must not move back.
+        """
+        if op.timestamp_ms >= self._since_ms and self._best is None:
+            return False
+        if self._best is None:
+            tags = self.client.get_run(self.run_id).data.tags
+            if TAG + "best_value" not in tags:
+                return False
+            try:
+                self._best = (float(tags[TAG + "best_value"]), int(tags.get(TAG + "best_epoch", "-1")))
+            except ValueError:
+                return False
+        value, epoch = self._best
+        if op.epoch == epoch:
+            return False
+        return op.epoch < epoch or not self.criterion.improves(op.value, value)
 
     def _prune(self, keep: int) -> None:
         """Delete the files of this run's checkpoints outside the ``keep`` best; tag them as pruned.
 
         Versions are tagged, not deleted: their lineage (run, epoch, metrics) stays visible in the
         registry and version numbers keep no gaps; ``restore`` names the pruning when asked for one.
-        The version holding the alias is never pruned.
+        A checkpoint whose version holds any alias (``track``'s own, a promoted ``@champion``, in any
+        registered model it was registered into) is never pruned (``_retention.to_prune``). The tag
+        comes first and the files go last, so no reader ever finds a version untagged without files.
         """
+        models = {
+            m.model_id: m
+            for m in _search_logged_models(self.client, self.experiment_id, self.run_id)
+            if (m.tags or {}).get(V_MONITOR) == self.monitor
+            and (m.tags or {}).get(V_MODE, self.criterion.mode) == self.criterion.mode
+            and V_PRUNED not in (m.tags or {})
+            and str(m.status).endswith("READY")
+        }
+        registrations = {model_id: self._registrations(m) for model_id, m in models.items()}
+        names = {name for regs in registrations.values() for name, _ in regs}
+        aliases = self._aliases(names)
+        candidates = []
+        for model_id, m in models.items():
+            try:
+                epoch, value = int(m.tags[V_EPOCH]), float(m.tags[V_VALUE])
+            except (KeyError, ValueError):
+                continue  # not a checkpoint this run can rank: kept
+            candidates.append(Candidate(model_id, epoch, value, aliases_of(registrations[model_id], aliases)))
+        doomed = to_prune(candidates, keep, self.criterion.mode)
+        if not doomed:
+            return
+        for c in doomed:
+            for name, version in registrations[c.id]:
+                _unless_missing(self.client.set_model_version_tag, name, version, V_PRUNED, "true")
+            self.client.set_logged_model_tags(c.id, {V_PRUNED: "true"})
+        # An alias set while this ran (a promote racing the prune) wins: untag, keep the files.
+        fresh = self._aliases(names)
+        for c in doomed:
+            if aliases_of(registrations[c.id], fresh):
+                for name, version in registrations[c.id]:
+                    _unless_missing(self.client.delete_model_version_tag, name, version, V_PRUNED)
+                self.client.delete_logged_model_tag(c.id, V_PRUNED)
+                continue
+            _delete_artifacts(models[c.id].artifact_location)
+
+    def _registrations(self, model: Any) -> list[tuple[str, str]]:
+        """Every ``(registered model, version)`` made from a LoggedModel, as its tags record them."""
+        tags = model.tags or {}
+        found: set[tuple[str, str]] = set()
+        if self.registered_model and tags.get(TAG + "version"):
+            found.add((self.registered_model, str(tags[TAG + "version"])))
+        try:
+            linked = json.loads(tags.get(MODEL_VERSIONS_TAG) or "[]")
+        except ValueError:
+            linked = []
+        for entry in linked if isinstance(linked, list) else []:
+            if isinstance(entry, dict) and entry.get("name") and entry.get("version") is not None:
+                found.add((str(entry["name"]), str(entry["version"])))
+        return sorted(found)
+
+    def _aliases(self, names: set[str]) -> dict[str, dict[str, str]]:
+        """``{alias: version}`` of each registered model in ``names`` (a deleted one has none)."""
         from mlflow.exceptions import MlflowException
 
-        models = _search_logged_models(self.client, self.experiment_id, self.run_id)
-        ours = [
-            m
-            for m in models
-            if (m.tags or {}).get(V_MONITOR) == self.monitor and V_PRUNED not in (m.tags or {})
-            and str(m.status).endswith("READY")
-        ]
-        ours.sort(key=lambda m: (float(m.tags[V_VALUE]) * (1 if self.criterion.mode == "min" else -1),
-                                 -int(m.tags[V_EPOCH])))
-        holder: str | None = None
-        if self.registered_model and self.alias:
+        out: dict[str, dict[str, str]] = {}
+        for name in sorted(names):
             try:
-                holder_mv = self.client.get_model_version_by_alias(self.registered_model, self.alias)
-                holder = str(holder_mv.version)
+                held = self.client.get_registered_model(name).aliases or {}
             except MlflowException as e:
                 if not is_missing(e):
                     raise
-        for m in ours[keep:]:
-            version = (m.tags or {}).get(TAG + "version")
-            if version is not None and version == holder:
-                continue
-            _delete_artifacts(m.artifact_location)
-            self.client.set_logged_model_tags(m.model_id, {V_PRUNED: "true"})
-            if version is not None and self.registered_model:
-                self.client.set_model_version_tag(self.registered_model, version, V_PRUNED, "true")
+                held = {}
+            out[name] = {str(a): str(v) for a, v in held.items()}
+        return out
 
     def _version_source(self, model_id: str) -> str:
         """``models:/<id>``, unless MLflow's database registry would resolve it in the wrong store.
@@ -429,6 +527,17 @@ class Publisher:
         if previous and previous != path:
             _delete_run_artifacts(self.client, self.run_id, previous)
         _delete_older_local_lasts(folder, op.epoch)
+
+
+def _unless_missing(call: Callable[..., Any], *args: Any) -> None:
+    """``call(*args)``; a version deleted by hand is nothing to tag, any other failure is raised."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        call(*args)
+    except MlflowException as e:
+        if not is_missing(e):
+            raise
 
 
 def _search_logged_models(client: MlflowClient, experiment_id: str, run_id: str) -> list[Any]:

@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import os
 import re
 import shutil
-import time
 import uuid
 import warnings
 from collections.abc import Mapping
@@ -18,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from mlflow_best._cache import Seal
+from mlflow_best._cache import WEIGHTS, Seal, enforce_limit, max_bytes, partial_dir, sweep, touch
 from mlflow_best._checkpoint import (
     MANIFEST,
     MODEL_FILE,
@@ -35,11 +33,13 @@ from mlflow_best._criterion import Criterion
 from mlflow_best._errors import (
     CheckpointError,
     CheckpointNotFoundError,
+    CheckpointPrunedError,
     ConfigError,
     TrackingStoreError,
     UnsafeCheckpointError,
-    UnsentError,
 )
+from mlflow_best._promote import _ranges
+from mlflow_best._reach import QUIET_DOWNLOADS, bounded_http, probe, scoped_env, shown_uri
 from mlflow_best._recipe import (
     load_model_state,
     load_optimizer_state,
@@ -49,17 +49,20 @@ from mlflow_best._recipe import (
 from mlflow_best._registry import (
     TAG,
     V_EPOCH,
+    V_MODE,
     V_MODEL_ID,
     V_MONITOR,
     V_PRUNED,
     V_RUN,
     V_SHA,
     V_VALUE,
-    Publisher,
+    _all_versions,
+    best_version,
     is_missing,
+    known_models,
 )
+from mlflow_best._signing import SIGNATURE_FILE
 from mlflow_best._state import apply_rng, unwrap_model
-from mlflow_best._writer import CheckpointOp, Journal, MetricsOp, Op, describe, read_unsent
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -160,17 +163,39 @@ def restore(
         CheckpointError: a checksum mismatch, a truncated, missing or foreign file.
         UnsafeCheckpointError: a file that would need code execution to load.
         ArchitectureMismatchError: the weights do not fit ``model``.
-        ConfigError: a bad device, or ``model=None`` when the model cannot be rebuilt.
+        ConfigError: a device that is not a torch device or not on this machine (the message lists
+            the ones that are), or ``model=None`` when the model cannot be rebuilt.
+        TrackingStoreError: the tracking store refused a call, or did not answer at all (within
+            seconds, naming the URI: MLflow's own retries are bounded for the call).
 
     Example:
         >>> r = mlflow_best.restore("models:/digits-mlp@best", device="cuda:0")  # doctest: +SKIP
         >>> r.model.eval(); r.epoch, r.metrics["val_loss"]  # doctest: +SKIP
     """
+    target = _device(device)
+    cache = Path(cache_dir) if cache_dir else home() / "cache"
+    with bounded_http():
+        return _restore(ref, model, optimizer, scheduler, scaler, target, tracking_uri, restore_rng, cache,
+                        generators, model_factory, trust_code)
+
+
+def _restore(
+    ref: str,
+    model: torch.nn.Module | None,
+    optimizer: torch.optim.Optimizer | None,
+    scheduler: Any,
+    scaler: Any,
+    target: torch.device,
+    tracking_uri: str | None,
+    restore_rng: bool,
+    cache: Path,
+    generators: Mapping[str, torch.Generator] | None,
+    model_factory: Any,
+    trust_code: bool,
+) -> Restored:
     import mlflow
     from mlflow import MlflowClient
 
-    target = _device(device)
-    cache = Path(cache_dir) if cache_dir else home() / "cache"
     client: MlflowClient | None = None
     if isinstance(ref, os.PathLike) or (isinstance(ref, str) and Path(ref).is_dir()):
         folder = Path(ref)
@@ -183,7 +208,9 @@ def restore(
             "model.load_state_dict(torch.load(path, weights_only=True))"
         )
     else:
-        client = MlflowClient(tracking_uri=tracking_uri or mlflow.get_tracking_uri())
+        uri = tracking_uri or mlflow.get_tracking_uri()
+        probe(uri)
+        client = MlflowClient(tracking_uri=uri)
         source = _resolve(client, ref)
         folder = fetch(client, source, cache)
     try:
@@ -273,41 +300,112 @@ def _load_checkpoint(
     return manifest, net, inner, training
 
 
+_BACKENDS = {"cuda": "CUDA", "mps": "MPS (Apple GPU)", "xpu": "XPU (Intel GPU)", "mtia": "MTIA"}
+
+
+def available_devices() -> list[str]:
+    """The devices torch can load onto in this process: ``cpu``, then each accelerator by index."""
+    found = ["cpu"]
+    kinds = [*_BACKENDS]
+    with contextlib.suppress(Exception):  # an out-of-tree backend (torch_npu, habana) registered by name
+        kinds.append(torch._C._get_privateuse1_backend_name())
+    for kind in dict.fromkeys(kinds):
+        backend = getattr(torch, kind, None)
+        try:
+            if backend is None or not backend.is_available():
+                continue
+            count = int(backend.device_count()) if hasattr(backend, "device_count") else 1
+        except Exception:  # a backend whose query fails is not usable here
+            continue
+        found += [f"{kind}:{i}" for i in range(count)] if count > 1 or kind != "mps" else ["mps"]
+    return found
+
+
 def _device(device: str | torch.device) -> torch.device:
+    """``device`` as a ``torch.device`` that exists here, or a ``ConfigError`` naming the ones that do.
+
+    Checked before anything is downloaded or read: loading onto a device that is not there fails
+    inside ``torch.load`` in a way that would look like a damaged file.
+    """
     try:
         target = torch.device(device)
     except (RuntimeError, TypeError) as e:
         raise ConfigError(f"device={device!r} is not a torch device; pass 'cpu', 'cuda' or 'cuda:0'") from e
-    if target.type == "cuda" and not torch.cuda.is_available():
+    if target.type in ("cpu", "meta"):  # meta: shapes and dtypes only, everywhere (a dry run)
+        return target
+    here = available_devices()
+    shown = ", ".join(repr(d) for d in here)
+    label = _BACKENDS.get(target.type, target.type.upper())
+    mine = [d for d in here if d.split(":", 1)[0] == target.type]
+    if not mine:
         raise ConfigError(
-            f"device={device!r} was asked for but CUDA is not available here; pass device='cpu'"
+            f"device={device!r} was asked for but {label} is not available here; pass device='cpu' "
+            f"(the devices available here: {shown})"
+        )
+    if target.index is not None and target.index >= len(mine):
+        raise ConfigError(
+            f"device={device!r} was asked for but this machine has {len(mine)} {label} device(s) "
+            f"({', '.join(repr(d) for d in mine)}); pass one of the devices available here: {shown}"
         )
     return target
 
 
 # -- resolving references -------------------------------------------------------------------------
+REF_FORMS = (
+    "a run id (32 hex characters) or 'runs:/<run id>', 'models:/<name>/<version>', "
+    "'models:/<name>@<alias>', 'models:/<logged model id>' (m-...), or a local checkpoint folder"
+)
+
+
 def _resolve(client: MlflowClient, ref: str) -> _Source:
     from mlflow.exceptions import MlflowException
 
     if not isinstance(ref, str) or not ref:
-        raise ConfigError(
-            f"ref={ref!r} must be a run id, 'runs:/<id>', 'models:/<name>/<version>' or "
-            "'models:/<name>@<alias>'"
-        )
+        raise ConfigError(f"ref={ref!r} is not a reference; pass {REF_FORMS}")
     try:
         if ref.startswith("models:/"):
             return _resolve_model(client, ref[len("models:/") :], ref)
         run_id = ref[len("runs:/") :].strip("/") if ref.startswith("runs:/") else ref
         if not _RUN_ID.match(run_id):
-            raise ConfigError(
-                f"ref={ref!r} is not a reference restore understands; pass a run id (32 hex characters), "
-                "'runs:/<id>', 'models:/<name>/<version>' or 'models:/<name>@<alias>'"
+            looks_local = not ref.startswith("runs:/") and (
+                "/" in ref or os.sep in ref or ref.startswith(".")
             )
+            where = f" (and there is no folder {str(Path(ref).resolve())!r})" if looks_local else ""
+            raise ConfigError(f"ref={ref!r} is not a reference restore understands{where}; pass {REF_FORMS}")
         return _resolve_run(client, run_id)
     except MlflowException as e:
         if is_missing(e) or e.error_code == "INVALID_PARAMETER_VALUE":
             raise CheckpointNotFoundError(f"{ref!r} was not found in the tracking store ({e.message})") from e
-        raise TrackingStoreError(f"resolving {ref!r} failed: {e.message}") from e
+        raise TrackingStoreError(
+            f"resolving {ref!r} at the tracking store {shown_uri(client.tracking_uri)!r} failed: {e.message}"
+        ) from e
+
+
+def _missing(client: MlflowClient, ref: str, name: str, *, alias: str | None = None,
+             version: str | None = None) -> CheckpointNotFoundError:
+    """Why ``name@alias`` / ``name/version`` was not found, with what exists instead."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        model = client.get_registered_model(name)
+    except MlflowException as e:
+        if not is_missing(e):
+            raise
+        return CheckpointNotFoundError(
+            f"{ref!r}: registered model {name!r} does not exist in {shown_uri(client.tracking_uri)!r} "
+            f"(it has: {known_models(client)}); pass one of these, or train with track(registered_model=...) "
+            "first"
+        )
+    if alias is not None:
+        held = ", ".join(f"@{a} -> v{v}" for a, v in sorted((model.aliases or {}).items())) or "none"
+        return CheckpointNotFoundError(
+            f"{ref!r}: registered model {name!r} has no alias {alias!r} (its aliases: {held}); pass one of "
+            f"these, 'models:/{name}/<version>', or set it with mlflow-best promote / mlflow_best.promote"
+        )
+    has = _ranges(sorted(int(v.version) for v in _all_versions(client, name))) or "no versions"
+    return CheckpointNotFoundError(
+        f"{ref!r}: registered model {name!r} has no version {version} (it has {has}); pass one of these"
+    )
 
 
 def _resolve_model(client: MlflowClient, rest: str, ref: str) -> _Source:
@@ -320,11 +418,8 @@ def _resolve_model(client: MlflowClient, rest: str, ref: str) -> _Source:
         except MlflowException as e:
             if not is_missing(e) and e.error_code != "INVALID_PARAMETER_VALUE":
                 raise
-            raise CheckpointNotFoundError(
-                f"{ref!r}: registered model {name!r} has no alias {alias!r} (or does not exist); "
-                f"list its aliases in the MLflow UI or promote a version with mlflow_best.promote({name!r})"
-            ) from e
-        return _from_version(client, mv)
+            raise _missing(client, ref, name, alias=alias) from e
+        return _from_version(client, mv, alias)
     if "/" in rest:
         name, version = rest.rsplit("/", 1)
         if not version.isdigit():
@@ -334,16 +429,17 @@ def _resolve_model(client: MlflowClient, rest: str, ref: str) -> _Source:
         except MlflowException as e:
             if not is_missing(e) and e.error_code != "INVALID_PARAMETER_VALUE":
                 raise
-            raise CheckpointNotFoundError(
-                f"{ref!r}: registered model {name!r} has no version {version} (or does not exist)"
-            ) from e
+            raise _missing(client, ref, name, version=version) from e
         return _from_version(client, mv)
     if rest.startswith("m-"):
         return _from_logged_model(client, rest)
-    raise ConfigError(f"{ref!r} names no version or alias; use 'models:/{rest}@best' or 'models:/{rest}/1'")
+    raise ConfigError(
+        f"{ref!r} names no version or alias; use 'models:/{rest}@best' or 'models:/{rest}/1' "
+        f"(restore accepts {REF_FORMS})"
+    )
 
 
-def _from_version(client: MlflowClient, mv: Any) -> _Source:
+def _from_version(client: MlflowClient, mv: Any, alias: str | None = None) -> _Source:
     from_source = mv.source.split("/")[-1] if mv.source.startswith("models:/m-") else None
     model_id = getattr(mv, "model_id", None) or (mv.tags or {}).get(V_MODEL_ID) or from_source
     if not model_id:
@@ -352,20 +448,51 @@ def _from_version(client: MlflowClient, mv: Any) -> _Source:
             "restore only reads versions that track() registered"
         )
     if V_PRUNED in (mv.tags or {}):
-        raise CheckpointNotFoundError(
-            f"version {mv.version} of {mv.name!r} was pruned by track(keep=...): its files were deleted to "
-            f"save storage; restore 'models:/{mv.name}@<alias>' or a newer version"
+        how = (
+            f"alias @{alias} of {mv.name!r} points at version {mv.version}, which"
+            if alias else f"version {mv.version} of {mv.name!r}"
+        )
+        raise CheckpointPrunedError(
+            f"{how} was pruned by track(keep=...): its checkpoint files were deleted, so it cannot be "
+            f"restored; {_with_files(client, mv)}"
         )
     src = _from_logged_model(client, model_id)
     sha256 = (mv.tags or {}).get(V_SHA) or src.sha256
     return _Source(src.artifact_uri, sha256, src.run_id, str(mv.version), model_id, _expected(mv.tags))
 
 
+def _with_files(client: MlflowClient, pruned: Any) -> str:
+    """Where to go instead of a pruned version: its model's aliases and its best version with files."""
+    from mlflow.exceptions import MlflowException
+
+    name, tags = pruned.name, pruned.tags or {}
+    try:
+        aliases = client.get_registered_model(name).aliases or {}
+        best = None
+        if V_MONITOR in tags:
+            best = best_version(client, name, tags[V_MONITOR], Criterion(tags.get(V_MODE, "min")))
+    except MlflowException:
+        return f"restore 'models:/{name}@<alias>' or a newer version"
+    hints = []
+    if best is not None:
+        hints.append(
+            f"the best version with files is {best.version} ({tags[V_MONITOR]}={best.tags.get(V_VALUE)}): "
+            f"'models:/{name}/{best.version}'"
+        )
+    held = [
+        f"'models:/{name}@{a}' (-> v{v})" for a, v in sorted(aliases.items()) if str(v) != str(pruned.version)
+    ]
+    if held:
+        hints.append("its aliases: " + ", ".join(held))
+    return "; ".join(hints) or f"no version of {name!r} has files left; restore a run id instead"
+
+
 def _from_logged_model(client: MlflowClient, model_id: str) -> _Source:
     lm = client.get_logged_model(model_id)
     if V_PRUNED in (lm.tags or {}):
-        raise CheckpointNotFoundError(
-            f"logged model {model_id} ({lm.name}) was pruned by track(keep=...): its files were deleted"
+        raise CheckpointPrunedError(
+            f"logged model {model_id} ({lm.name}) was pruned by track(keep=...): its checkpoint files were "
+            f"deleted, so it cannot be restored; restore its run {lm.source_run_id} (that run's best) instead"
         )
     return _Source(
         lm.artifact_location, (lm.tags or {}).get(V_SHA), lm.source_run_id, None, model_id, _expected(lm.tags)
@@ -459,42 +586,95 @@ def fetch(client: MlflowClient, source: _Source, cache: Path) -> Path:
     and the manifest against what MLflow recorded. The cache only saves downloads; it lives in a
     ``0700`` folder with read-only files.
     """
+    return download_into_cache(client, source, cache)
+
+
+def download_into_cache(
+    client: MlflowClient, source: _Source, cache: Path, *, weights_only: bool = False
+) -> Path:
+    """The cache entry of ``source`` (``cache/<sha256>``), downloaded unless already complete there.
+
+    ``weights_only``: only the manifest and the weights are needed (``load_model``); a full entry
+    serves, else the two files go to ``cache/weights/<sha256>``. After each call the cache is within
+    its size bound (``MLFLOW_BEST_CACHE_MAX_BYTES``), the entry returned excepted.
+    """
     import mlflow
     from mlflow.exceptions import MlflowException
 
     if source.sha256 is None and os.path.isdir(source.artifact_uri):
         return Path(source.artifact_uri)  # a local staged copy: verified by the loader, in place
+    max_bytes()  # a bad MLFLOW_BEST_CACHE_MAX_BYTES is refused before anything is downloaded
+    names = [MODEL_FILE] if weights_only else None
+    into = cache / WEIGHTS if weights_only else cache
     if source.sha256:
-        cached = cache / source.sha256
-        if cache_hit(cached):
-            return cached
-    # MLflow's per-file progress bar is noise in logs and notebooks; a user's own setting wins.
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    private_dir(cache)
-    _sweep_leftovers(cache)
-    tmp = cache / f".download-{uuid.uuid4().hex[:8]}"
-    local = tmp
+        for cached in (cache / source.sha256, *([into / source.sha256] if weights_only else [])):
+            if cache_hit(cached, names):
+                return _used(cache, cached)
+    private_dir(into)
+    sweep(into)
     stored = source.artifact_uri.rstrip("/")
+    # MLflow's per-file progress bar is noise in logs and notebooks; a user's own setting wins.
+    with scoped_env(QUIET_DOWNLOADS), partial_dir(into) as tmp:
+        local = tmp
+        try:
+            if weights_only:
+                stored = _download_weights(client, source, stored, tmp)
+            else:
+                local = Path(
+                    mlflow.artifacts.download_artifacts(
+                        artifact_uri=source.artifact_uri, dst_path=str(tmp), tracking_uri=client.tracking_uri
+                    )
+                )
+                if not (local / MANIFEST).is_file() and (local / "artifacts" / MANIFEST).is_file():
+                    local, stored = local / "artifacts", stored + "/artifacts"
+            manifest = read_manifest(local)
+            check_recorded(manifest, source)
+            _check_sizes(local, manifest, names)
+            seal(local)
+            return _used(cache, _publish_to_cache(local, into / manifest.sha256, into))
+        except CheckpointError as e:
+            # Name the file where it is stored, not in the temporary download folder removed below.
+            raise type(e)(str(e).replace(str(local), stored)) from e
+        except MlflowException as e:
+            raise TrackingStoreError(f"downloading {stored} failed: {e.message}") from e
+
+
+def _used(cache: Path, entry: Path) -> Path:
+    touch(entry)
+    enforce_limit(cache, in_use=entry)
+    sweep(cache)
+    return entry
+
+
+def _download_weights(client: MlflowClient, source: _Source, stored: str, tmp: Path) -> str:
+    """Download only ``manifest.json``, ``model.pt`` (and the signature, if any) into ``tmp``."""
+    from mlflow.exceptions import MlflowException
+
     try:
-        local = Path(
-            mlflow.artifacts.download_artifacts(
-                artifact_uri=source.artifact_uri, dst_path=str(tmp), tracking_uri=client.tracking_uri
-            )
+        _download(client, stored, MANIFEST, tmp)
+    except (MlflowException, OSError):
+        # A version whose source is the LoggedModel's folder rather than its artifacts.
+        stored += "/artifacts"
+        _download(client, stored, MANIFEST, tmp)
+    check_recorded(read_manifest(tmp), source)  # before the weights are downloaded
+    _download(client, stored, MODEL_FILE, tmp)
+    with contextlib.suppress(MlflowException, OSError, CheckpointError):
+        _download(client, stored, SIGNATURE_FILE, tmp)
+    return stored
+
+
+def _download(client: MlflowClient, stored: str, name: str, dst: Path) -> None:
+    import mlflow
+
+    local = Path(
+        mlflow.artifacts.download_artifacts(
+            artifact_uri=f"{stored}/{name}", dst_path=str(dst), tracking_uri=client.tracking_uri
         )
-        if not (local / MANIFEST).is_file() and (local / "artifacts" / MANIFEST).is_file():
-            local, stored = local / "artifacts", stored + "/artifacts"
-        manifest = read_manifest(local)
-        check_recorded(manifest, source)
-        _check_sizes(local, manifest)
-        seal(local)
-        return _publish_to_cache(local, cache / manifest.sha256, cache)
-    except CheckpointError as e:
-        # Name the file where it is stored, not in the temporary download folder removed below.
-        raise type(e)(str(e).replace(str(local), stored)) from e
-    except MlflowException as e:
-        raise TrackingStoreError(f"downloading {source.artifact_uri} failed: {e.message}") from e
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    )
+    if local != dst / name:
+        shutil.move(str(local), dst / name)
+    if not (dst / name).is_file():
+        raise CheckpointError(f"{stored}/{name} is missing; the checkpoint is incomplete")
 
 
 def check_recorded(manifest: Manifest, source: _Source) -> None:
@@ -538,15 +718,6 @@ def _check_sizes(folder: Path, manifest: Manifest, names: list[str] | None = Non
 def _evict(folder: Path, cache: Path) -> None:
     with contextlib.suppress(OSError):
         os.replace(folder, cache / f".stale-{uuid.uuid4().hex[:8]}")
-
-
-def _sweep_leftovers(cache: Path, age_s: float = 3600.0) -> None:
-    """Remove stale entries and downloads of killed processes, once nobody can still be reading them."""
-    now = time.time()
-    for entry in cache.glob(".[sd][to]*-*"):  # .stale-* and .download-*
-        with contextlib.suppress(OSError):
-            if now - entry.stat().st_mtime > age_s:
-                shutil.rmtree(entry, ignore_errors=True)
 
 
 def _publish_to_cache(local: Path, final: Path, cache: Path) -> Path:
@@ -633,91 +804,3 @@ def latest_checkpoint(client: MlflowClient, run_id: str) -> tuple[Any, Any] | No
                 stacklevel=3,
             )
     return None
-
-
-def sync_staging(client: MlflowClient, staging: Path, *, quiet: bool = False) -> list[str]:
-    """Send a staging folder's unsent operations into its run, in order; return what is still unsent."""
-    from mlflow.exceptions import MlflowException
-
-    run_file = staging / RUN_FILE
-    if not run_file.is_file():
-        return []
-    info = json.loads(run_file.read_text(encoding="utf-8"))
-    ops = read_unsent(staging)
-    if not ops:
-        return []
-    journal = Journal(staging)
-    publisher = Publisher(
-        client,
-        info["run_id"],
-        info["experiment_id"],
-        info["monitor"],
-        Criterion(info["mode"], float(info.get("min_delta", 0.0))),
-        info.get("registered_model"),
-        info.get("alias"),
-        keep=info.get("keep"),
-    )
-    left: list[str] = []
-    try:
-        for queued in ops:
-            op: Op = queued
-            if isinstance(op, CheckpointOp):
-                try:
-                    verify_checkpoint(Path(op.folder))
-                except CheckpointError as e:
-                    if not quiet:
-                        warnings.warn(
-                            f"mlflow_best: {describe(op)} was never completely written ({e}); sending "
-                            "that epoch's metrics without it",
-                            RuntimeWarning,
-                            stacklevel=2,
-                        )
-                    op = MetricsOp(op.seq, op.epoch, op.metrics, op.timestamp_ms)
-            try:
-                publisher(op)
-            except MlflowException as e:
-                left.append(f"{describe(op)}: {e.message}")
-                break
-            journal.mark_sent(op)
-    finally:
-        journal.close()
-    return left
-
-
-def sync(
-    run_id: str, *, tracking_uri: str | None = None, staging_dir: str | os.PathLike[str] | None = None
-) -> int:
-    """Upload what a run could not send (a dead server, a killed process) into that same run.
-
-    Args:
-        run_id: the run whose local staging folder holds unsent metrics and checkpoints.
-        tracking_uri: the MLflow tracking URI; None uses the one recorded for the run.
-        staging_dir: the ``staging_dir=`` given to ``track``, if any.
-
-    Returns:
-        The number of operations sent.
-
-    Raises:
-        CheckpointNotFoundError: there is no staging folder for ``run_id`` on this machine.
-        UnsentError: the tracking store still refused some of them (nothing is lost; call again).
-    """
-    import mlflow
-    from mlflow import MlflowClient
-
-    root = Path(staging_dir) if staging_dir else home() / "runs"
-    staging = root / run_id
-    if not (staging / RUN_FILE).is_file():
-        raise CheckpointNotFoundError(
-            f"no staging folder for run {run_id} at {staging}; pass staging_dir= if track() used one"
-        )
-    info = json.loads((staging / RUN_FILE).read_text(encoding="utf-8"))
-    client = MlflowClient(tracking_uri=tracking_uri or info.get("tracking_uri") or mlflow.get_tracking_uri())
-    before = len(read_unsent(staging))
-    left = sync_staging(client, staging)
-    if left:
-        raise UnsentError(
-            f"mlflow_best.sync: {len(left)} item(s) of run {run_id} still did not reach MLflow: {left[0]}",
-            str(staging),
-            left,
-        )
-    return before

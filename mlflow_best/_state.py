@@ -112,9 +112,19 @@ class SnapshotPool:
 
     def take(self, model_state: StateTree, training_state: StateTree) -> Snapshot:
         buffers = self._free.get()
-        events: list[torch.cuda.Event] = []
-        model_copy = _copy_tree(model_state, buffers, "m", events)
-        training_copy = _copy_tree(training_state, buffers, "t", events)
+        devices: set[torch.device] = set()
+        try:
+            model_copy = _copy_tree(model_state, buffers, "m", devices)
+            training_copy = _copy_tree(training_state, buffers, "t", devices)
+            # One event per device, on the stream each copy was issued on (that device's current one).
+            events = []
+            for device in devices:
+                event = torch.cuda.Event()  # type: ignore[no-untyped-call]
+                event.record(torch.cuda.current_stream(device))
+                events.append(event)
+        except BaseException:
+            self._free.put(buffers)  # a failed copy never keeps a slot (later improvements would wait)
+            raise
 
         def ready() -> None:
             for event in events:
@@ -123,19 +133,21 @@ class SnapshotPool:
         return Snapshot(model_copy, training_copy, release=lambda: self._free.put(buffers), ready=ready)
 
 
-def _copy_tree(tree: StateTree, buffers: dict[str, torch.Tensor], path: str, events: list[Any]) -> StateTree:
+def _copy_tree(
+    tree: StateTree, buffers: dict[str, torch.Tensor], path: str, devices: set[torch.device]
+) -> StateTree:
     if isinstance(tree, torch.Tensor):
-        return _copy_tensor(tree, buffers, path, events)
+        return _copy_tensor(tree, buffers, path, devices)
     if isinstance(tree, Mapping):
-        return {k: _copy_tree(v, buffers, f"{path}/{k}", events) for k, v in tree.items()}
+        return {k: _copy_tree(v, buffers, f"{path}/{k}", devices) for k, v in tree.items()}
     if isinstance(tree, (list, tuple)):
-        items = [_copy_tree(v, buffers, f"{path}/{i}", events) for i, v in enumerate(tree)]
+        items = [_copy_tree(v, buffers, f"{path}/{i}", devices) for i, v in enumerate(tree)]
         return items if isinstance(tree, list) else tuple(items)
     return copy.deepcopy(tree)
 
 
 def _copy_tensor(
-    t: torch.Tensor, buffers: dict[str, torch.Tensor], path: str, events: list[Any]
+    t: torch.Tensor, buffers: dict[str, torch.Tensor], path: str, devices: set[torch.device]
 ) -> torch.Tensor:
     t = t.detach()
     if t.is_sparse or t.is_quantized or t.layout != torch.strided:
@@ -146,10 +158,8 @@ def _copy_tensor(
         buf = torch.empty_like(t, device="cpu", pin_memory=t.is_cuda)
         buffers[path] = buf
     if t.is_cuda:
-        buf.copy_(t, non_blocking=True)
-        event = torch.cuda.Event()  # type: ignore[no-untyped-call]
-        event.record()
-        events.append(event)
+        buf.copy_(t, non_blocking=True)  # issued on the current stream of t's device
+        devices.add(t.device)
     else:
         buf.copy_(t)
     return buf

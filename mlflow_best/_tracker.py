@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
 import math
 import numbers
 import operator
 import os
+import socket
 import sys
 import tempfile
 import time
@@ -22,10 +25,18 @@ import torch
 from mlflow_best import _distributed as dist
 from mlflow_best import _errors
 from mlflow_best import _lifecycle as lifecycle
-from mlflow_best._config import TrackConfig, check_key, home
-from mlflow_best._errors import ConfigError, MetricError, MlflowBestError, TrackingStoreError, UnsentError
+from mlflow_best._config import TrackConfig, check_key
+from mlflow_best._errors import (
+    CheckpointError,
+    ConfigError,
+    MetricError,
+    MlflowBestError,
+    TrackingStoreError,
+    UnsentError,
+)
 from mlflow_best._plot import EpochPoint, plot_filename, render_metric_plot
 from mlflow_best._pyfunc import ModelFiles
+from mlflow_best._reach import bounded_http, probe
 from mlflow_best._recipe import (
     OptimizerRecipe,
     check_model_recipe,
@@ -35,30 +46,33 @@ from mlflow_best._recipe import (
     model_recipe,
 )
 from mlflow_best._registry import TAG, Publisher, checkpoint_name, ensure_registered_model, is_missing
+from mlflow_best._replay import sync_staging
 from mlflow_best._shell import command, ui_page
-from mlflow_best._state import SnapshotPool, capture_rng, to_plain, unwrap_model
-from mlflow_best._version import __version__
-from mlflow_best._writer import (
+from mlflow_best._staging import (
+    LEASE_TAG,
     ArtifactOp,
     CheckpointOp,
     EndOp,
     Journal,
     MetricsOp,
-    Pipeline,
+    StagingLock,
     TagsOp,
     describe,
+    staging_root,
+    sweep,
+    write_run_file,
 )
+from mlflow_best._state import SnapshotPool, capture_rng, to_plain, unwrap_model
+from mlflow_best._version import __version__
+from mlflow_best._writer import Pipeline
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
 
-# MLflow's HTTP client retries for ~4 minutes by default; our pipeline retries on its own, off the
-# training loop, so each single call is kept short. A user's own setting wins.
-_HTTP_DEFAULTS = {
-    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
-    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
-    "MLFLOW_HTTP_REQUEST_TIMEOUT": "10",
-}
+# A live run is leased: a tag that the upload thread renews, so a second resume= of the same run on
+# another machine is refused until the holder has been silent for _LEASE_S.
+_LEASE_S = 120.0
+_HEARTBEAT_S = 30.0
 
 
 @dataclass
@@ -135,7 +149,12 @@ class Run:
         self._fluent = False
         self._valid_keys: set[str] = set()
         self._owns_run = True  # False inside the user's own mlflow.start_run(): its owner ends it
+        self._entered = False
         self._closed = False
+        self._lock: StagingLock | None = None
+        # MLflow's HTTP client retries for ~4 minutes by default; our pipeline retries on its own, off
+        # the training loop, so while the block runs each single call is kept short (then put back).
+        self._scope = contextlib.ExitStack()
         self._status_before_resume = "FAILED"
         # The monitored value per epoch, for the console lines and the plot logged at the end.
         self.history: list[EpochPoint] = []
@@ -173,20 +192,36 @@ class Run:
         if not self._leader and payload is not None:
             self._apply(payload[0], payload[1], rank=dist.rank())
         self._resume_state: Any = None
+        self._entered = True
         return self
 
     def _resume_payload(self) -> Any:
         return getattr(self, "_resume_state", None)
 
     def _start(self) -> None:
+        self._scope.enter_context(bounded_http())
+        try:
+            self._open()
+        except BaseException:
+            self._release()
+            raise
+
+    def _release(self) -> None:
+        """Put back what the block changed for the process: MLflow's HTTP settings, the staging lock."""
+        self._scope.close()
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
+
+    def _open(self) -> None:
         import mlflow
         from mlflow import MlflowClient
+        from mlflow.entities import RunTag
         from mlflow.exceptions import MlflowException
 
         cfg = self.config
-        for key, value in _HTTP_DEFAULTS.items():
-            os.environ.setdefault(key, value)
         self.tracking_uri = cfg.tracking_uri or mlflow.get_tracking_uri()
+        probe(self.tracking_uri)  # a server that does not answer is said in seconds, naming the URI
         client = MlflowClient(tracking_uri=self.tracking_uri)
         self._client = client
         same_store = cfg.tracking_uri is None or cfg.tracking_uri == mlflow.get_tracking_uri()
@@ -212,6 +247,15 @@ class Run:
         self.run_id = run.info.run_id
         self.experiment_id = run.info.experiment_id
         self.staging_dir = self._staging_for(self.run_id)
+        if self._lock is None:
+            self._take_lock(self.run_id)
+        sweep(self._staging_root(), held=self.staging_dir)  # what killed writes left, here and elsewhere
+        leftovers: list[Any] = []
+        if cfg.resume is not None:
+            # What the previous process left unsent goes first, in order, before anything new.
+            leftovers = sync_staging(
+                client, self.staging_dir, quiet=True, timeout=cfg.offline_timeout, resuming=True
+            ).unsent
         journal = Journal(self.staging_dir)
         _write_run_file(self.staging_dir, self.run_id, self.experiment_id, self.tracking_uri, cfg)
         publisher = Publisher(
@@ -225,13 +269,21 @@ class Run:
             on_registered=self._on_registered,
             keep=cfg.keep,
         )
-        self._pipeline = Pipeline(journal, publisher, extra_files=self._model_files)
+        self._pipeline = Pipeline(
+            journal,
+            publisher,
+            extra_files=self._model_files,
+            replay_first=leftovers,
+            heartbeat=lambda: client.log_batch(self.run_id, tags=[RunTag(LEASE_TAG, _lease())]),
+            heartbeat_every=_HEARTBEAT_S,
+        )
         if cfg.resume is not None:
             try:
                 self._load_latest(client)
             except BaseException:
                 # A checkpoint that does not fit (or cannot be read) must not leave the run
                 # RUNNING with idle threads: put its status back and stop the pipeline.
+                self._pipeline.submit(TagsOp(journal.next_seq(), {LEASE_TAG: _lease(released=True)}))
                 if self._owns_run:
                     self._pipeline.submit(EndOp(journal.next_seq(), self._status_before_resume))
                 self._pipeline.close(offline_timeout=5.0)
@@ -261,6 +313,7 @@ class Run:
         _check_writable(self._staging_root())
         tags = {str(k): str(v)[:8000] for k, v in (cfg.tags or {}).items()}
         tags.update(self._own_tags())
+        tags[LEASE_TAG] = _lease()
         if parent is not None:
             tags["mlflow.parentRunId"] = parent  # a track block inside another: a child run
         # MLflow's own context tags (user, source file, git commit), as mlflow.start_run would set them.
@@ -293,10 +346,13 @@ class Run:
             ensure_registered_model(client, cfg.registered_model)
         _check_writable(self._staging_root())
         run = client.get_run(run_id)
+        self._check_lease(run)
+        self._take_lock(run_id)
         self._owns_run = False
         self._log_new_params(client, run, resumed=False)
         tags = {str(k): str(v)[:8000] for k, v in (cfg.tags or {}).items()}
         tags.update(self._own_tags())
+        tags[LEASE_TAG] = _lease()
         client.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()])
         return run
 
@@ -312,6 +368,8 @@ class Run:
                 f"resume={run_id!r} is not a run in the tracking store at {self.tracking_uri!r}; pass the "
                 "run_id of an earlier run (printed as run.run_id), or resume=None to start a new run"
             ) from e
+        self._check_lease(run)
+        self._take_lock(run_id)
         if self.config.registered_model:
             ensure_registered_model(client, self.config.registered_model)
         _check_writable(self._staging_root())
@@ -345,7 +403,41 @@ class Run:
         client.log_batch(
             run.info.run_id,
             params=[Param(k, v) for k, v in new.items()],
-            tags=[RunTag(k, v) for k, v in self._own_tags().items()] if resumed else [],
+            tags=[RunTag(k, v) for k, v in {**self._own_tags(), LEASE_TAG: _lease()}.items()]
+            if resumed
+            else [],
+        )
+
+    def _take_lock(self, run_id: str) -> None:
+        """One process writes a run at a time: a second resume of a live run is refused here."""
+        _check_writable(self._staging_root())
+        lock = StagingLock(self._staging_for(run_id))
+        lock.acquire(
+            f"run {run_id} is still being tracked",
+            "A second copy of the same job would log every epoch twice: stop the first one, or start "
+            "a new run (resume=None)",
+        )
+        self._lock = lock
+
+    def _check_lease(self, run: Any) -> None:
+        """Refuse a run that another live process (on any machine) tracks, unless its lease expired."""
+        raw = run.data.tags.get(LEASE_TAG)
+        if not raw or run.info.status != "RUNNING":
+            return
+        try:
+            lease = json.loads(raw)
+            holder, until = str(lease["holder"]), float(lease["until_ms"])
+        except (ValueError, KeyError, TypeError):
+            return
+        now = time.time() * 1000
+        if holder == StagingLock.me() or until <= now or not _alive(holder):
+            return
+        raise ConfigError(
+            f"resume={run.info.run_id!r}: the run is still being tracked by {holder} (its lease, renewed "
+            f"every {_HEARTBEAT_S:.0f} s, runs until "
+            f"{time.strftime('%H:%M:%S UTC', time.gmtime(until / 1000))}, {(until - now) / 1000:.0f} s from "
+            "now). A second copy of the same job would log every epoch twice: stop the first one (its lease "
+            "then ends at once, or expires if it was killed), or start a new run (resume=None)"
         )
 
     def _own_tags(self) -> dict[str, str]:
@@ -383,16 +475,15 @@ class Run:
         return {str(k): str(v)[:6000] for k, v in params.items()}
 
     def _staging_root(self) -> Path:
-        return Path(self.config.staging_dir) if self.config.staging_dir else home() / "runs"
+        return staging_root(self.config.staging_dir)
 
     def _staging_for(self, run_id: str) -> Path:
         return self._staging_root() / run_id
 
     # -- resume ----------------------------------------------------------------------------------
     def _load_latest(self, client: MlflowClient) -> None:
-        from mlflow_best._restore import latest_checkpoint, sync_staging
+        from mlflow_best._restore import latest_checkpoint
 
-        sync_staging(client, self.staging_dir, quiet=True)
         tags = client.get_run(self.run_id).data.tags
         if TAG + "best_value" in tags:
             self.best = Best(
@@ -446,9 +537,37 @@ class Run:
             True when this epoch improved on the best so far (and a checkpoint was taken).
 
         Raises:
-            MetricError: the monitor is missing or a value is not a number.
+            MetricError: the monitor is missing or a value is not a number (on every rank under
+                ``torch.distributed``, whichever rank passed it).
+            ConfigError: called outside the ``with`` block.
+            CheckpointError: the training state could not be copied (e.g. a model on the ``meta``
+                device); ``run.best`` is unchanged.
+            UnsentError: a background thread stopped; lists what did not reach MLflow.
         """
-        epoch, values = self._check_metrics(epoch, metrics)
+        if not self._entered or self._closed:
+            raise ConfigError(
+                f"log_epoch(epoch={epoch!r}) called outside the `with mlflow_best.track(...) as run:` block "
+                f"(the run {'has ended' if self._closed else 'has not started'}); call it inside the block, "
+                "or resume the run with track(resume=run.run_id)"
+            )
+        if self._leader:
+            self._raise_if_broken()
+            # What the background threads had to say, said here (before this epoch changes anything:
+            # under a warnings-as-errors filter this call then fails as a whole).
+            self._emit_notices()
+        try:
+            epoch, values = self._check_metrics(epoch, metrics)
+            problem = None
+        except MetricError as e:
+            problem = e
+        if dist.active():
+            # A bad metric on any rank stops every rank here, before the next collective.
+            problems = dist.gather(None if problem is None else str(problem))
+            bad = [(r, text) for r, text in enumerate(problems) if text is not None]
+            if bad:
+                raise MetricError(f"rank {bad[0][0]}: {bad[0][1]}") from problem
+        if problem is not None:
+            raise problem
         value = values[self.config.monitor]
         decision = (False, False, value)
         if self._leader:
@@ -463,26 +582,54 @@ class Run:
         # Rank 0's value too: run.best must read the same on every rank, not each rank's local metric.
         improved, last_due, value = dist.broadcast(decision)
         rngs = dist.gather(capture_rng(self.generators)) if (improved or last_due) and dist.active() else None
-        self._last_epoch = epoch
         previous = self.best
-        if improved:
-            self.best = Best(epoch=epoch, value=value)
-            self.improvements.append(epoch)
         if self._leader:
             if improved:
                 values[f"best_{self.config.monitor}"] = value
-            elif self.best.value is not None:
-                values[f"best_{self.config.monitor}"] = self.best.value
-            self._last_metrics = values
+            elif previous.value is not None:
+                values[f"best_{self.config.monitor}"] = previous.value
             if improved or last_due:
+                # The copy comes first: a state that cannot be copied fails here, with run.best as it was.
                 self._checkpoint(epoch, values, "best" if improved else "last", rngs)
             else:
                 self._require_pipeline().submit(
                     MetricsOp(self._require_pipeline().journal.next_seq(), epoch, values, _now_ms())
                 )
+        self._last_epoch = epoch
+        if improved:
+            self.best = Best(epoch=epoch, value=value)
+            self.improvements.append(epoch)
+        if self._leader:
+            self._last_metrics = values
             self.history.append(EpochPoint(epoch, value, bool(improved)))
             self._print_epoch(epoch, values, previous, bool(improved), bool(last_due))
         return bool(improved)
+
+    def _emit_notices(self) -> None:
+        """Warnings the background threads collected, emitted here in the training thread."""
+        if self._pipeline is not None:
+            for message in self._pipeline.notices.take():
+                warnings.warn(message, RuntimeWarning, stacklevel=3)
+
+    def _raise_if_broken(self) -> None:
+        pipeline = self._require_pipeline()
+        why = pipeline.check()
+        if why is None:
+            return
+        from mlflow_best._staging import read_unsent
+
+        try:
+            lines = [describe(op) for op in read_unsent(self.staging_dir)]
+        except MlflowBestError:
+            lines = []
+        raise UnsentError(
+            f"mlflow_best: {why}; nothing more of run {self.run_id} reaches MLflow from this process. "
+            f"{len(lines)} item(s) are not sent yet:\n  - " + "\n  - ".join(lines or ["(none)"]) +
+            f"\nThey are kept in {self.staging_dir}; leaving the block sends what it can and ends the run, "
+            f"and `mlflow-best sync {self.run_id}` sends the rest later",
+            str(self.staging_dir),
+            lines,
+        )
 
     def _check_metrics(self, epoch: int, metrics: Mapping[str, Any]) -> tuple[int, dict[str, float]]:
         if isinstance(epoch, bool) or not isinstance(epoch, numbers.Integral) or epoch < 0:
@@ -530,7 +677,14 @@ class Run:
         }
         if rngs:
             training["rng_per_rank"] = rngs
-        snapshot = self._pool.take(unwrap_model(self.model).state_dict(), training)
+        try:
+            snapshot = self._pool.take(unwrap_model(self.model).state_dict(), training)
+        except Exception as e:
+            raise CheckpointError(
+                f"could not copy the training state of epoch {epoch} for its checkpoint ({type(e).__name__}: "
+                f"{str(e)[:200]}); run.best is unchanged. A model on the 'meta' device has no data to "
+                "save: move it to a real device (model.to_empty(device=...) and load weights) first"
+            ) from e
         op = CheckpointOp(
             seq=pipeline.journal.next_seq(),
             epoch=epoch,
@@ -577,7 +731,7 @@ class Run:
 
     def _require_pipeline(self) -> Pipeline:
         if self._pipeline is None or self._closed:
-            raise RuntimeError(
+            raise ConfigError(
                 "log_epoch called outside the `with mlflow_best.track(...) as run:` block; "
                 "call it inside the block (the run has ended or not started)"
             )
@@ -640,6 +794,7 @@ class Run:
 
     def _finish(self, status: str, crashed: bool) -> None:
         pipeline = self._require_pipeline()
+        problems: list[str] = []
         try:
             if (
                 crashed
@@ -649,30 +804,61 @@ class Run:
             ):
                 # The seed practice: a crash must not lose progress. The state as it is now,
                 # labelled with the last completed epoch, so resume continues from here.
-                self._checkpoint(self._last_epoch, dict(self._last_metrics), "last", None)
-            self._submit_plot(pipeline)
-            pipeline.submit(TagsOp(pipeline.journal.next_seq(), self._summary_tags()))
+                try:
+                    self._checkpoint(self._last_epoch, dict(self._last_metrics), "last", None)
+                except Exception as e:  # the run still ends; the error is said below
+                    problems.append(f"the state at the crash could not be saved ({e})")
+            try:
+                self._submit_plot(pipeline)
+            except Exception as e:
+                problems.append(f"the plot could not be drawn ({e!r})")
+            tags = {**self._summary_tags(), LEASE_TAG: _lease(released=True)}
+            pipeline.submit(TagsOp(pipeline.journal.next_seq(), tags))
+        finally:
+            # Whatever happened above, the run is ended: never left RUNNING.
             if self._owns_run:
                 pipeline.submit(EndOp(pipeline.journal.next_seq(), status))
-        finally:
             self._closed = True
             pending = pipeline.close(self.config.offline_timeout, progress=_progress_line)
             if self._fluent:
                 lifecycle.pop(self.run_id)
+            if pipeline.died is not None and any(isinstance(op, EndOp) for op in pending):
+                self._end_directly(status)
+            self._release()
+        rejected = pipeline.rejected
         if self._verbose():
-            self._print_summary(status, pending)
-        if pending:
-            lines = [describe(op) for op in pending]
+            self._print_summary(status, pending, rejected)
+        warning: Warning | None = None
+        try:
+            self._emit_notices()
+            for problem in problems:
+                warnings.warn(f"mlflow_best: run {self.run_id}: {problem}", RuntimeWarning, stacklevel=4)
+        except Warning as w:  # the user's filter turned one into an error: raised after the list below
+            warning = w
+        if pending or rejected:
+            lines = [f"{describe(op)}: refused by MLflow ({why})" for op, why in rejected]
+            lines += [describe(op) for op in pending]
             raise UnsentError(
-                f"mlflow_best: {len(pending)} item(s) of run {self.run_id} did not reach MLflow at "
+                f"mlflow_best: {len(lines)} item(s) of run {self.run_id} did not reach MLflow at "
                 f"{self.tracking_uri!r}:\n  - " + "\n  - ".join(lines) + f"\nLocal copies are kept in "
                 f"{self.staging_dir} (each checkpoint in the folder named above, every metric in "
-                f"{self.staging_dir / 'journal.jsonl'}). When the server is back, upload them into the same "
-                "run with "
-                f"mlflow_best.sync({self.run_id!r}) or `mlflow-best sync {self.run_id}`.",
+                f"{self.staging_dir / 'journal.jsonl'}). "
+                + ("When the server is back, upload the unsent ones into the same run with "
+                   f"mlflow_best.sync({self.run_id!r}) or `mlflow-best sync {self.run_id}`"
+                   + (f" --staging-dir {self.config.staging_dir}" if self.config.staging_dir else "")
+                   + "." if pending else "Refused items are not retried: fix what MLflow named."),
                 str(self.staging_dir),
                 lines,
-            )
+            ) from warning
+        if warning is not None:
+            raise warning
+
+    def _end_directly(self, status: str) -> None:
+        """The upload thread died and the final flush could not end the run: one last direct call."""
+        if self._client is None:
+            return
+        with contextlib.suppress(Exception):
+            self._client.set_terminated(self.run_id, status)
 
     def _summary_tags(self) -> dict[str, str]:
         return {TAG + "improvements": ",".join(str(e) for e in self.improvements)[:5000] or "none"}
@@ -692,7 +878,7 @@ class Run:
             return
         pipeline.submit(ArtifactOp(pipeline.journal.next_seq(), str(path), "plots"))
 
-    def _print_summary(self, status: str, pending: list[Any]) -> None:
+    def _print_summary(self, status: str, pending: list[Any], rejected: list[Any]) -> None:
         cfg, b = self.config, self.best
         elapsed = time.monotonic() - self._t_enter
         lines = [f"mlflow_best: run {self.run_id} {status}, {len(self.history)} epoch(s) in {elapsed:.1f} s"]
@@ -718,6 +904,8 @@ class Run:
             lines.extend(f"                {more}" for more in ui[1:])
         if pending:
             lines.append(f"  not sent      {len(pending)} item(s); see the error below")
+        if rejected:
+            lines.append(f"  refused       {len(rejected)} item(s) by MLflow; see the error below")
         print("\n".join(lines), flush=True)
 
     def _alias_holder(self) -> str | None:
@@ -871,17 +1059,37 @@ def _write_run_file(
     staging: Path, run_id: str, experiment_id: str, tracking_uri: str, cfg: TrackConfig
 ) -> None:
     """What ``sync`` needs to replay this staging folder into the same run from another process."""
-    import json
+    write_run_file(
+        staging,
+        {
+            "run_id": run_id,
+            "experiment_id": experiment_id,
+            "tracking_uri": tracking_uri,
+            "monitor": cfg.monitor,
+            "mode": cfg.mode,
+            "min_delta": cfg.min_delta,
+            "registered_model": cfg.registered_model,
+            "alias": cfg.alias,
+            "keep": cfg.keep,
+        },
+    )
 
-    info = {
-        "run_id": run_id,
-        "experiment_id": experiment_id,
-        "tracking_uri": tracking_uri,
-        "monitor": cfg.monitor,
-        "mode": cfg.mode,
-        "min_delta": cfg.min_delta,
-        "registered_model": cfg.registered_model,
-        "alias": cfg.alias,
-        "keep": cfg.keep,
-    }
-    (staging / "run.json").write_text(json.dumps(info, indent=2), encoding="utf-8")
+
+def _alive(holder: str) -> bool:
+    """False when ``holder`` ("host:pid") is a process of this machine that no longer exists."""
+    host, _, pid = holder.rpartition(":")
+    if host != socket.gethostname() or not pid.isdigit():
+        return True  # another machine: only its lease's expiry tells
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True
+    return True
+
+
+def _lease(released: bool = False) -> str:
+    """The lease tag's value: who tracks the run, and until when (0 once the block has ended)."""
+    until = 0 if released else int((time.time() + _LEASE_S) * 1000)
+    return json.dumps({"holder": StagingLock.me(), "until_ms": until})

@@ -26,13 +26,17 @@ def _use_store(uri: str | None, *, must_exist: bool) -> str:
 
     MLflow creates an empty sqlite database for any path it is given: a command that only reads
     (``runs``, ``restore``, ``promote``) run from the wrong folder would litter an empty
-    ``mlflow.db`` and report "nothing found". Refuse that with the path instead.
+    ``mlflow.db`` and report "nothing found". Refuse that with the path instead. A server that does
+    not answer is a ``TrackingStoreUnreachableError`` naming the URI.
     """
     import mlflow
+
+    from mlflow_best._reach import probe
 
     if uri:
         mlflow.set_tracking_uri(uri)
     current = str(mlflow.get_tracking_uri())
+    probe(current)  # an unreachable server is reported at once, by its URI, not after minutes of retries
     if must_exist and current.startswith("sqlite:///") and ":memory:" not in current:
         path = Path(current[len("sqlite:///") :].split("?", 1)[0])
         if not path.is_file():
@@ -47,8 +51,12 @@ class _Group(click.Group):
     """Turns our own errors and MLflow's into one line and a non-zero exit status."""
 
     def invoke(self, ctx: click.Context) -> Any:
+        from mlflow_best._reach import bounded_http
+
         try:
-            return super().invoke(ctx)
+            # Every command gives up on an unreachable server within seconds, as track() does.
+            with bounded_http():
+                return super().invoke(ctx)
         except click.UsageError:
             raise  # click shows the usage line with it and exits 2
         except click.ClickException as e:
@@ -208,6 +216,7 @@ def restore(
       RUN_ID or runs:/RUN_ID     that run's best checkpoint
       models:/NAME@ALIAS         the version an alias points at (e.g. @champion, @best)
       models:/NAME/VERSION       a registered version
+      models:/MODEL_ID           a logged model (m-...)
       a local checkpoint folder  as written by track()
 
     The model is rebuilt from the class and model_args recorded at training time. Nothing the

@@ -77,10 +77,11 @@ from mlflow import MlflowClient
 from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 from mlflow_best._adapter import Session, check_arguments
-from mlflow_best._config import home
 from mlflow_best._errors import ConfigError
 from mlflow_best._recipe import load_model_state
-from mlflow_best._restore import latest_checkpoint, sync_staging
+from mlflow_best._replay import sync_staging
+from mlflow_best._restore import latest_checkpoint
+from mlflow_best._staging import StagingLock, staging_root
 from mlflow_best._state import apply_rng, capture_rng, unwrap_model
 from mlflow_best._tracker import Run
 
@@ -211,8 +212,13 @@ class TrackCallback(TrainerCallback):
         tracking_uri = self._session.arguments.get("tracking_uri") or mlflow.get_tracking_uri()
         client = MlflowClient(tracking_uri=tracking_uri)
         # What track(resume=) loads at on_train_begin: first what a killed process left unsent.
-        staging = self._session.arguments.get("staging_dir")
-        sync_staging(client, (Path(staging) if staging else home() / "runs") / run_id, quiet=True)
+        staging = staging_root(self._session.arguments.get("staging_dir")) / run_id
+        lock = StagingLock(staging)
+        lock.acquire(f"run {run_id} is still being tracked", "Stop the first copy of this job first")
+        try:
+            sync_staging(client, staging, quiet=True)
+        finally:
+            lock.release()
         found = latest_checkpoint(client, run_id)
         if found is None:
             return None

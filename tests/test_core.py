@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import math
+import re
 import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
+import warnings
 from pathlib import Path
+from typing import Any
 
 import mlflow
 import pytest
@@ -70,14 +74,42 @@ def test_min_delta_and_max_mode(sqlite_uri: str) -> None:
     assert got == [True, False, True, False, True]
 
 
-def test_log_epoch_returns_before_the_checkpoint_is_written(sqlite_uri: str) -> None:
-    model = nn_big = torch.nn.Linear(1024, 1024)  # 4 MB: enough that writing it is measurable
-    opt = torch.optim.SGD(nn_big.parameters(), lr=0.1)
-    with mlflow_best.track(model, opt, experiment=unique("e")) as run:
+def _replace_everywhere(monkeypatch: pytest.MonkeyPatch, original: object, replacement: object) -> int:
+    """Point every name bound to ``original`` in the package's modules at ``replacement``."""
+    count = 0
+    for name, module in list(sys.modules.items()):
+        if name == "mlflow_best" or name.startswith("mlflow_best."):
+            for attr, value in list(vars(module).items()):
+                if value is original:
+                    monkeypatch.setattr(module, attr, replacement)
+                    count += 1
+    return count
+
+
+def test_log_epoch_returns_before_the_checkpoint_is_written(
+    sqlite_uri: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from mlflow_best import _checkpoint
+
+    # The write is held until the test lets it go, which it does only once log_epoch has returned: a
+    # log_epoch that waited for the write would hold the write's gate closed until it times out.
+    gate = threading.Event()
+    opened_by_test: list[bool] = []
+    write = _checkpoint.write_checkpoint
+
+    def held(*args: object, **kwargs: object) -> object:
+        opened_by_test.append(gate.wait(timeout=30))
+        return write(*args, **kwargs)  # type: ignore[arg-type]
+
+    assert _replace_everywhere(monkeypatch, write, held) >= 1
+    model = TinyNet()
+    with mlflow_best.track(model, None, experiment=unique("e"), model_args={"hidden": 8}) as run:
         assert run.log_epoch(0, {"val_loss": 1.0}) is True
-        staged = run.staging_dir / "checkpoints" / "epoch=0000-val_loss=1.0000"
-        # The hand-off is a copy into memory: the folder appears later, from the writer thread.
-        assert not (staged / "manifest.json").exists() or run._pipeline is not None
+        checkpoints = run.staging_dir / "checkpoints"
+        assert not list(checkpoints.glob("*/manifest.json"))  # returned with the write still to come
+        gate.set()
+    assert opened_by_test == [True]
+    assert mlflow_best.restore(run.run_id).epoch == 0  # and the write, let go, completed
 
 
 # -- checkpoints in MLflow -----------------------------------------------------------------------
@@ -104,7 +136,10 @@ def test_each_improvement_is_a_logged_model_and_a_version_in_order(store: str) -
     tags = client.get_run(run.run_id).data.tags
     best = (tags["mlflow_best.best_epoch"], tags["mlflow_best.best_value"], tags["mlflow_best.best_version"])
     assert best == ("3", "0.5", "3")
-    assert run.best == mlflow_best.Best(epoch=3, value=0.5, version="3", model_id=run.best.model_id)
+    # The LoggedModel of epoch 3, as MLflow lists it: the one version 3 was made from.
+    epoch3 = next(m.model_id for m in models if m.name == "epoch=0003-val_loss=0_5000")
+    assert versions[2]["mlflow_best.model_id"] == epoch3
+    assert run.best == mlflow_best.Best(epoch=3, value=0.5, version="3", model_id=epoch3)
 
 
 def test_the_alias_moves_only_to_a_version_that_beats_its_holder_across_runs(store: str) -> None:
@@ -147,9 +182,9 @@ def test_run_statuses_and_the_exception_propagates_unchanged(sqlite_uri: str) ->
     assert client.get_run(failed.run_id).info.status == "FAILED"
     assert mlflow_best.restore(failed.run_id).epoch == 0  # what was saved before the error is kept
 
-    with pytest.raises(KeyboardInterrupt), mlflow_best.track(model, None) as killed:
+    with pytest.raises(KeyboardInterrupt, match="Ctrl-C"), mlflow_best.track(model, None) as killed:
         killed.log_epoch(0, {"val_loss": 1.0})
-        raise KeyboardInterrupt
+        raise KeyboardInterrupt("Ctrl-C")
     assert client.get_run(killed.run_id).info.status == "KILLED"
     assert mlflow.active_run() is None
 
@@ -172,8 +207,8 @@ def test_a_dead_server_at_exit_never_hides_the_users_exception(tmp_path: Path) -
     server = MlflowServer(tmp_path / "srv").start()
     try:
         with (
-            pytest.warns(RuntimeWarning),
-            pytest.raises(ZeroDivisionError),
+            pytest.warns(RuntimeWarning, match=rf"did not reach MLflow at '{re.escape(server.url)}'") as seen,
+            pytest.raises(ZeroDivisionError, match="division by zero"),
             mlflow_best.track(TinyNet(), None, tracking_uri=server.url, offline_timeout=1) as run,
         ):
             run.log_epoch(0, {"val_loss": 1.0})
@@ -182,6 +217,9 @@ def test_a_dead_server_at_exit_never_hides_the_users_exception(tmp_path: Path) -
             _ = 1 / 0
     finally:
         server.drop()
+    # The warning says what is left and how to send it, for this run.
+    unsent = next(str(w.message) for w in seen if "did not reach MLflow" in str(w.message))
+    assert f"mlflow_best.sync({run.run_id!r})" in unsent and "epoch=0001-val_loss=0.5000" in unsent
 
 
 # -- resume --------------------------------------------------------------------------------------
@@ -250,14 +288,26 @@ def test_restore_into_given_instances(sqlite_uri: str) -> None:
     assert len(opt.state) == 4
 
 
-def test_restore_uses_the_cache_and_still_detects_a_changed_file(sqlite_uri: str) -> None:
-    run, _, _ = run_sequence([1.0])
+def test_restore_uses_the_cache_and_still_detects_a_changed_file(sqlite_uri: str, tmp_path: Path) -> None:
+    snaps: dict[int, dict[str, torch.Tensor]] = {}
+    run, _, _ = run_sequence([1.0], snapshots=snaps)
+    stored = _logged_model_dir(run.run_id, sqlite_uri)
     first = mlflow_best.restore(run.run_id)
+    # With the checkpoint's files gone from the store, only a cache hit can restore it: no download.
+    aside = tmp_path / "stored-aside"
+    stored.rename(aside)
     again = mlflow_best.restore(run.run_id)
-    assert first.path == again.path
+    assert again.path == first.path and again.epoch == 0
+    assert all(torch.equal(again.model.state_dict()[k], v) for k, v in snaps[0].items())
     (again.path / "model.pt").write_bytes(b"garbage")
-    third = mlflow_best.restore(run.run_id)  # the cache no longer matches: downloaded and verified anew
+    # The changed entry is never loaded; with nothing in the store to download, restore says so.
+    model_id = MlflowClient(sqlite_uri).get_run(run.run_id).data.tags["mlflow_best.best_model_id"]
+    with pytest.raises(mlflow_best.MlflowBestError, match=r"download.*" + re.escape(model_id)):
+        mlflow_best.restore(run.run_id)
+    aside.rename(stored)
+    third = mlflow_best.restore(run.run_id)  # downloaded and verified anew
     assert third.epoch == 0 and (third.path / "model.pt").read_bytes() != b"garbage"
+    assert all(torch.equal(third.model.state_dict()[k], v) for k, v in snaps[0].items())
 
 
 # -- bad input -----------------------------------------------------------------------------------
@@ -405,53 +455,125 @@ def test_model_none_without_model_args_says_how_to_fix(sqlite_uri: str) -> None:
 
 
 # -- the hand-off --------------------------------------------------------------------------------
-def test_the_snapshot_pool_holds_at_most_two_snapshots_and_blocks_a_third() -> None:
-    import threading
+def _waiting_in(thread: threading.Thread, function: str) -> bool:
+    """``thread`` is blocked in a ``threading`` wait (a lock, condition, queue) called from ``function``."""
+    frame = sys._current_frames().get(thread.ident or -1)
+    if frame is None:
+        return False
+    if (frame.f_code.co_name, Path(frame.f_code.co_filename).name) != ("wait", "threading.py"):
+        return False
+    names = []
+    while frame is not None:
+        names.append(frame.f_code.co_name)
+        frame = frame.f_back
+    return function in names
 
+
+def test_the_snapshot_pool_holds_at_most_two_snapshots_and_blocks_a_third() -> None:
     pool = SnapshotPool(slots=2)
     state = {"w": torch.ones(3)}
     a = pool.take(state, {})
     b = pool.take(state, {})
     third: list[object] = []
-    t = threading.Thread(target=lambda: third.append(pool.take(state, {})))
+    t = threading.Thread(target=lambda: third.append(pool.take(state, {})), daemon=True)
     t.start()
-    t.join(timeout=0.3)
-    assert t.is_alive() and not third  # back-pressure: waits for the writer, drops nothing
+    # Back-pressure: the third take waits for a slot, drops nothing. Observed, not timed: a take that
+    # did not block would finish (and fill `third`) instead of ever being seen waiting.
+    deadline = time.monotonic() + 60  # a guard against a hang only
+    while not _waiting_in(t, "take"):
+        assert t.is_alive() and not third, "the third take did not wait for a free slot"
+        assert time.monotonic() < deadline, "the third take never started waiting"
+        time.sleep(0.001)
+    assert not third
     a.release()
-    t.join(timeout=5)
-    assert len(third) == 1
+    t.join(timeout=60)
+    assert not t.is_alive() and len(third) == 1
     state["w"].add_(1)
     assert torch.equal(b.model["w"], torch.ones(3))  # a copy, not a view of the live tensor
 
 
-def test_sigkill_mid_run_leaves_a_restorable_checkpoint(sqlite_uri: str, tmp_path: Path) -> None:
+def test_sigkill_mid_pipeline_restores_the_newest_checkpoint_in_mlflow_and_sync_sends_the_rest(
+    sqlite_uri: str, tmp_path: Path
+) -> None:
+    from mlflow_best._checkpoint import verify_checkpoint
+    from mlflow_best._config import home
+    from mlflow_best._writer import CheckpointOp, read_unsent
+
+    # Every weight of the model equals its epoch, and every epoch improves: a restored model says
+    # which epoch it is, and uploads of 4 MB checkpoints fall behind the 20 ms epochs.
     script = tmp_path / "train.py"
     script.write_text(textwrap.dedent(f"""
-        import sys, time, torch, mlflow, mlflow_best
-        sys.path.insert(0, {str(Path(__file__).parent.parent)!r})
-        from tests.helpers import TinyNet
+        import time, torch, mlflow, mlflow_best
         mlflow.set_tracking_uri({sqlite_uri!r})
-        model = TinyNet(); opt = torch.optim.SGD(model.parameters(), lr=0.1)
-        with mlflow_best.track(model, opt, model_args={{"hidden": 8}}) as run:
+        model = torch.nn.Linear(1024, 1024)
+        with mlflow_best.track(model, None, model_args={{"in_features": 1024, "out_features": 1024}},
+                               verbose=False) as run:
             print(run.run_id, flush=True)
             for epoch in range(10**6):  # runs until killed
-                run.log_epoch(epoch, {{"val_loss": 1.0 / (epoch // 10 + 1)}})
+                with torch.no_grad():
+                    for p in model.parameters():
+                        p.fill_(float(epoch))
+                print(epoch, flush=True)  # announced before log_epoch: nothing newer exists
+                run.log_epoch(epoch, {{"val_loss": 1.0 / (epoch + 1)}})
                 time.sleep(0.02)
     """))
     proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
-    assert proc.stdout is not None
-    run_id = proc.stdout.readline().strip()
-    client = MlflowClient(sqlite_uri)
-    deadline = time.monotonic() + 60
-    while "mlflow_best.best_model_id" not in client.get_run(run_id).data.tags:
-        assert time.monotonic() < deadline, "no checkpoint reached MLflow within 60 s"
-        time.sleep(0.1)
-    time.sleep(0.3)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    r = mlflow_best.restore(run_id)
-    assert r.epoch >= 0 and isinstance(r.model, TinyNet)
+    try:
+        assert proc.stdout is not None
+        run_id = proc.stdout.readline().strip()
+        staging = home() / "runs" / run_id
+        client = MlflowClient(sqlite_uri)
+        deadline = time.monotonic() + 120  # guards against a hang only
+
+        def mid_pipeline() -> bool:
+            # A checkpoint has reached MLflow, and a newer one is journaled but not yet sent.
+            if "mlflow_best.best_model_id" not in client.get_run(run_id).data.tags:
+                return False
+            sent = int(client.get_run(run_id).data.tags["mlflow_best.best_epoch"])
+            return any(isinstance(op, CheckpointOp) and op.epoch > sent for op in read_unsent(staging))
+
+        while not mid_pipeline():
+            assert proc.poll() is None and time.monotonic() < deadline, "the child never got mid-pipeline"
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        last_logged = max(int(line) for line in proc.stdout.read().split() or ["-1"])
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    tags = client.get_run(run_id).data.tags
     assert client.get_run(run_id).info.status == "RUNNING"  # killed: nobody could end it
+    unsent = [op for op in read_unsent(staging) if isinstance(op, CheckpointOp)]
+    in_mlflow = int(tags["mlflow_best.best_epoch"])
+    # The kill landed mid-pipeline: something newer than MLflow's best was still to send. (The best
+    # itself may be unsent too: killed after its last MLflow call, before the journal marked it.)
+    assert any(op.epoch > in_mlflow for op in unsent) and all(op.epoch >= in_mlflow for op in unsent)
+
+    # restore gives the newest checkpoint MLflow has, whole: the weights of exactly that epoch.
+    r = mlflow_best.restore(run_id)
+    assert r.epoch == in_mlflow and r.model_id == tags["mlflow_best.best_model_id"]
+    assert all(torch.all(t == float(in_mlflow)) for t in r.model.state_dict().values())
+
+    # sync sends what was left; restore then gives the newest checkpoint the killed process wrote whole.
+    whole = [op.epoch for op in unsent if _verifies(verify_checkpoint, Path(op.folder))]
+    torn = [op.name for op in unsent if op.epoch not in whole]
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        mlflow_best.sync(run_id)
+    # A checkpoint the kill interrupted is named, loudly, and only its metrics are sent.
+    assert all(any(name in str(w.message) for w in said) for name in torn), [str(w.message) for w in said]
+    after = mlflow_best.restore(run_id)
+    assert after.epoch == max(whole, default=in_mlflow) and after.epoch <= max(last_logged, in_mlflow)
+    assert all(torch.all(t == float(after.epoch)) for t in after.model.state_dict().values())
+
+
+def _verifies(verify: Any, folder: Path) -> bool:
+    try:
+        verify(folder)
+    except (OSError, mlflow_best.CheckpointError):
+        return False
+    return True
 
 
 def test_public_api_is_pinned() -> None:
@@ -473,8 +595,11 @@ def test_public_api_is_pinned() -> None:
 def test_log_epoch_after_the_block_is_refused(sqlite_uri: str) -> None:
     with mlflow_best.track(TinyNet(), None) as run:
         run.log_epoch(0, {"val_loss": 1.0})
-    with pytest.raises(RuntimeError, match=r"outside the `with mlflow_best\.track"):
+    before = (run.best, list(run.history), list(run.improvements))
+    with pytest.raises(mlflow_best.MlflowBestError, match=r"outside the `with mlflow_best\.track.*has ended"):
         run.log_epoch(1, {"val_loss": 0.5})
+    assert (run.best, run.history, run.improvements) == before  # nothing changed by the refused call
+    assert [m.step for m in MlflowClient(sqlite_uri).get_metric_history(run.run_id, "val_loss")] == [0]
 
 
 def test_resume_into_a_model_that_does_not_fit_leaves_the_run_as_it_was(sqlite_uri: str) -> None:

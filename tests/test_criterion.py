@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import math
 import uuid
+from fractions import Fraction
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from mlflow import MlflowClient
 
@@ -49,6 +50,28 @@ def running_best(mode: Mode, sequence: list[float]) -> list[int]:
     return found
 
 
+def beats(mode: Mode, value: float, best: float | None, min_delta: float) -> bool:
+    """The rule as the docs state it, in exact arithmetic (every float is a fraction, exactly):
+    a finite value improves on ``best`` when it is better by strictly more than ``min_delta``."""
+    if not math.isfinite(value):
+        return False
+    if best is None:
+        return True
+    gain = Fraction(best) - Fraction(value) if mode == "min" else Fraction(value) - Fraction(best)
+    return gain > Fraction(min_delta)
+
+
+def oracle(mode: Mode, min_delta: float, sequence: list[float]) -> list[int]:
+    """The improving epochs by ``beats``, the best moving only on an improvement (no Criterion used)."""
+    best: float | None = None
+    found = []
+    for epoch, value in enumerate(sequence):
+        if beats(mode, value, best, min_delta):
+            best = value
+            found.append(epoch)
+    return found
+
+
 @given(st.lists(values, max_size=40), modes)
 def test_without_min_delta_the_improvements_are_exactly_the_strict_running_best(
     sequence: list[float], mode: Mode
@@ -56,24 +79,48 @@ def test_without_min_delta_the_improvements_are_exactly_the_strict_running_best(
     assert improvements(Criterion(mode, 0.0), sequence) == running_best(mode, sequence)
 
 
+# A float threshold (best ± min_delta) rounds; these sit on the rounding, where only exact arithmetic
+# agrees with the rule: 1 - 2**-52 beats 1.0 by 2.2e-16 > 1.8e-16, although 1.0 - 1.8e-16 rounds to
+# 1 - 2**-52 itself; and the counterexample of issue 11 (max, min_delta=1.0, best -1.0).
+@example(sequence=[1.0, 1.0 - 2.0**-52], mode="min", min_delta=1.8e-16)
+@example(sequence=[-1.0, 3.75e-252], mode="max", min_delta=1.0)
 @given(st.lists(values, max_size=40), modes, deltas)
 def test_each_improvement_beats_the_previous_one_by_more_than_min_delta_and_nothing_else_does(
     sequence: list[float], mode: Mode, min_delta: float
 ) -> None:
-    sign = 1.0 if mode == "min" else -1.0
     found = improvements(Criterion(mode, min_delta), sequence)
-    best: float | None = None
-    for epoch, value in enumerate(sequence):
-        beats = math.isfinite(value) and (best is None or sign * (best - value) > min_delta)
-        assert (epoch in found) == beats, (epoch, value, best)
-        if epoch in found:
-            best = value
+    assert found == oracle(mode, min_delta, sequence)
     # A margin only removes improvements, never adds one.
     assert set(found) <= set(running_best(mode, sequence))
     # The first finite value always improves, NaN and ±inf never do.
     finite = [e for e, v in enumerate(sequence) if math.isfinite(v)]
     assert found[:1] == finite[:1]
     assert all(math.isfinite(sequence[e]) for e in found)
+
+
+@pytest.mark.parametrize(
+    ("mode", "min_delta", "best", "value", "improves"),
+    [
+        # Written out by hand, not derived from any rule in code.
+        ("min", 0.1, 1.0, 0.85, True),
+        ("min", 0.25, 1.0, 0.75, False),  # by exactly min_delta: not more than it
+        ("min", 0.25, 1.0, 0.7499999999999999, True),
+        ("max", 0.25, 0.5, 0.75, False),
+        ("max", 0.25, 0.5, 0.7500000000000001, True),
+        ("max", 1.0, -1.0, 3.75e-252, True),  # gains 1 + 3.75e-252 > 1
+        ("max", 1.0, -1.0, 0.0, False),  # gains exactly 1
+        ("min", 1.8e-16, 1.0, 1.0 - 2.0**-52, True),  # gains 2.2e-16 > 1.8e-16
+        ("min", 2.3e-16, 1.0, 1.0 - 2.0**-52, False),
+        ("min", 0.0, 1.0, 1.0, False),
+        ("min", 0.5, 1.0, math.nan, False),
+        ("max", 0.5, 1.0, math.inf, False),
+        ("min", 0.5, None, 7.0, True),
+    ],
+)
+def test_the_margin_is_exact_at_its_boundary(
+    mode: Mode, min_delta: float, best: float | None, value: float, improves: bool
+) -> None:
+    assert Criterion(mode, min_delta).improves(value, best) is improves
 
 
 @given(st.lists(values, max_size=40), deltas)
@@ -112,12 +159,14 @@ small_values = st.one_of(st.integers(0, 6).map(float), st.sampled_from([math.nan
 
 
 @settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+# Improves at [0, 2, 5]: 2.0 beats 3.0 by exactly the margin (not more), NaN never improves.
+@example(sequence=[3.0, 2.0, 1.5, 1.0, math.nan, 0.0], mode="min", min_delta=1.0)
 @given(st.lists(small_values, min_size=1, max_size=6), modes, st.sampled_from([0.0, 1.0]))
 def test_log_epoch_reports_and_records_the_running_best(
     sqlite_uri: str, sequence: list[float], mode: Mode, min_delta: float
 ) -> None:
     experiment = f"prop-{uuid.uuid4().hex[:8]}"  # one store for every example: a run each
-    expected = improvements(Criterion(mode, min_delta), sequence)
+    expected = oracle(mode, min_delta, sequence)
     with mlflow_best.track(
         TinyNet(), None, mode=mode, min_delta=min_delta, experiment=experiment, verbose=False
     ) as run:

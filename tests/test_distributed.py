@@ -173,34 +173,76 @@ def test_ddp_rank0_logs_and_decides_every_rank_agrees_restores_and_resumes(
     assert "rank 0" in r1["bad_resume"]
 
 
+CACHE_WORKER = textwrap.dedent(
+    """
+    import json, os, sys
+    import torch
+    import torch.distributed as dist
+    import mlflow_best
+
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    init, out, run_id, attempts = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+    dist.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=world)
+    expected = torch.load(f"{out}/weight.pt", weights_only=True)
+    results = []
+    for attempt in range(attempts):
+        cache = f"{out}/cache-{attempt}"  # empty: every rank finds no entry and downloads
+        dist.barrier()  # all ranks restore at the same instant, as after torch.distributed setup
+        try:
+            r = mlflow_best.restore(run_id, model=torch.nn.Linear(512, 2048), cache_dir=cache)
+            results.append({"path": str(r.path), "equal": bool(torch.equal(r.model.weight, expected))})
+        except Exception as e:
+            results.append({"error": repr(e)[:500]})
+    dist.barrier()
+    dist.destroy_process_group()
+    with open(f"{out}/cache-rank{rank}.json", "w") as f:
+        json.dump(results, f)
+    """
+)
+
+
 def test_ranks_of_one_node_restoring_at_once_share_the_download_cache(
     sqlite_uri: str, tmp_path: Path
 ) -> None:
-    import threading
-
     import torch
 
     import mlflow_best
 
     model = torch.nn.Linear(512, 2048)  # 4 MB: a download long enough for the ranks to overlap
-    with mlflow_best.track(model, None, experiment=unique("cache"), verbose=False) as run:
+    args = {"in_features": 512, "out_features": 2048}
+    with mlflow_best.track(model, None, experiment=unique("cache"), model_args=args, verbose=False) as run:
         run.log_epoch(0, {"val_loss": 1.0})
-    errors: list[str] = []
-    for attempt in range(4):
-        cache = tmp_path / f"cache-{attempt}"  # empty: every rank downloads
-        barrier = threading.Barrier(4)
-
-        def rank(barrier: threading.Barrier = barrier, cache: Path = cache) -> None:
-            try:
-                barrier.wait(timeout=30)
-                restored = mlflow_best.restore(run.run_id, model=torch.nn.Linear(512, 2048), cache_dir=cache)
-                assert torch.equal(restored.model.weight, model.weight)
-            except BaseException as e:
-                errors.append(repr(e)[:300])
-
-        threads = [threading.Thread(target=rank) for _ in range(4)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-    assert not errors, errors
+    torch.save(model.weight.detach().clone(), tmp_path / "weight.pt")
+    script = tmp_path / "cache_worker.py"
+    script.write_text(CACHE_WORKER, encoding="utf-8")
+    world, attempts = 3, 3
+    procs = []
+    for rank in range(world):
+        env = dict(os.environ, RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+        env["MLFLOW_TRACKING_URI"] = sqlite_uri
+        args = [str(tmp_path / "init"), str(tmp_path), run.run_id, str(attempts)]
+        with open(tmp_path / f"cache-rank{rank}.log", "wb") as log:
+            procs.append(subprocess.Popen(
+                [sys.executable, str(script), *args],
+                stdout=log, stderr=subprocess.STDOUT, env=env, cwd=tmp_path, preexec_fn=die_with_parent,
+            ))
+    try:
+        for rank, p in enumerate(procs):
+            code = p.wait(timeout=240)
+            log_text = (tmp_path / f"cache-rank{rank}.log").read_text()
+            assert code == 0, f"rank {rank} failed: {log_text[-3000:]}"
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    ranks = [json.loads((tmp_path / f"cache-rank{rank}.json").read_text()) for rank in range(world)]
+    for attempt in range(attempts):
+        got = [ranks[rank][attempt] for rank in range(world)]
+        assert all(g.get("equal") is True for g in got), got  # every rank loaded the exact weights
+        assert len({g["path"] for g in got}) == 1, got  # from one shared cache entry
+        # The cache holds that one complete entry; no rank left a partial download (a folder) or a
+        # second copy. Dot-files are the cache's own bookkeeping (its key).
+        entries = list((tmp_path / f"cache-{attempt}").iterdir())
+        assert [p.name for p in entries if not p.name.startswith(".")] == [Path(got[0]["path"]).name]
+        assert not [p.name for p in entries if p.name.startswith(".") and p.is_dir()], entries

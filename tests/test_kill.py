@@ -2,12 +2,17 @@
 
 A child process trains a model whose every weight equals the epoch number, so a restored model
 shows at a glance which epoch it comes from and whether its files were mixed or half-written.
-Every epoch improves, so a write or an upload is in progress at almost any instant; the child is
-killed at a random moment after its first version is registered.
+Every even epoch improves and every odd one writes the rolling "last" checkpoint, so a write or an
+upload is in progress at almost any instant. Once the child's first checkpoint is in MLflow, each
+kill aims in turn at a checkpoint write (a ``.tmp-*`` folder exists), at pending uploads (the journal
+holds a written checkpoint not yet sent) or at a random moment; where it really landed is read from
+the staging folder once the child is dead, and the loop asserts that both kinds occurred.
 """
 
 from __future__ import annotations
 
+import json
+import math
 import os
 import random
 import signal
@@ -26,7 +31,7 @@ from mlflow import MlflowClient
 import mlflow_best
 from mlflow_best._checkpoint import verify_checkpoint
 from mlflow_best._config import home
-from mlflow_best._writer import CheckpointOp, read_unsent
+from mlflow_best._staging import CheckpointOp, read_unsent
 from tests._server import LineReader, die_with_parent
 from tests.helpers import unique
 
@@ -92,13 +97,53 @@ def _model() -> torch.nn.Module:
 class _Kill:
     """What one kill left behind, as checked by the parent."""
 
+    aimed_at: str
     last_logged: int
     restored_epoch: int
     after_sync_epoch: int
     during_write: bool
     unsent_checkpoints: int
     staged_folders: int
+    registered_ahead_of_tags: bool
     seconds: dict[str, float]
+
+    @property
+    def during_upload(self) -> bool:
+        return self.unsent_checkpoints > 0
+
+
+AIMS = ("write", "upload", "random")
+
+
+def _writing(staging: Path) -> bool:
+    """A checkpoint is being written: its temporary folder exists (renamed into place when whole)."""
+    folder = staging / "checkpoints"
+    try:
+        return any(p.name.startswith(".tmp-") for p in folder.iterdir())
+    except OSError:
+        return False
+
+
+def _uploads_pending(staging: Path) -> bool:
+    """A checkpoint is journaled and not yet confirmed by MLflow."""
+    try:
+        return any(isinstance(op, CheckpointOp) for op in read_unsent(staging))
+    except (OSError, ValueError):
+        return False  # read while the child appends: try again
+
+
+def _journaled_sent_best(staging: Path) -> list[int]:
+    """Epochs of the best checkpoints the journal marks as sent (MLflow confirmed every call)."""
+    unsent = {op.seq for op in read_unsent(staging)}
+    epochs = []
+    for line in (staging / "journal.jsonl").read_text(encoding="utf-8").splitlines():
+        try:
+            raw = json.loads(line)
+        except ValueError:
+            continue  # the torn last line of a killed write
+        if raw.get("type") == "checkpoint" and raw.get("kind") == "best" and raw["seq"] not in unsent:
+            epochs.append(int(raw["epoch"]))
+    return epochs
 
 
 def _staged_folders_are_whole(staging: Path) -> tuple[int, bool]:
@@ -142,7 +187,9 @@ def _proc_state(pid: int) -> str:
     return f"{state}, wchan {wchan}"
 
 
-def _one_kill(zygote: subprocess.Popen[str], reader: LineReader, uri: str, rng: random.Random) -> _Kill:
+def _one_kill(
+    zygote: subprocess.Popen[str], reader: LineReader, uri: str, rng: random.Random, aim: str
+) -> _Kill:
     experiment, name = unique("kill"), unique("kill")
     client = MlflowClient(uri)
     assert zygote.stdin is not None
@@ -152,20 +199,32 @@ def _one_kill(zygote: subprocess.Popen[str], reader: LineReader, uri: str, rng: 
     t0 = time.monotonic()
     seconds: dict[str, float] = {}
     kill_at: float | None = None
+    aim_until = math.inf
     deadline = time.monotonic() + 60
     next_poll = time.monotonic()
     while kill_at is None or time.monotonic() < kill_at:
         now = time.monotonic()
         if now > deadline:
-            pytest.fail(f"no version registered in 60 s (run {run_id})")
+            pytest.fail(f"no checkpoint reached MLflow in 60 s (run {run_id})")
         if kill_at is None and run_id and now >= next_poll:
-            # Poll the store: kill only once a version exists, so restore has something to find.
-            if client.search_model_versions(f"name='{name}'"):
-                kill_at = now + rng.uniform(0.0, 1.0)
-                seconds["first version"] = now - t0
+            # Poll the store: kill only once a checkpoint has fully reached MLflow (the run's best
+            # tags are written last), so there is always a newest complete one for restore to find.
+            if "mlflow_best.best_epoch" in client.get_run(run_id).data.tags:
+                kill_at = now + rng.uniform(0.0, 2.0) if aim == "random" else math.inf
+                aim_until = now + 10.0  # an aim not met by then kills anyway (classified below)
+                seconds["first checkpoint"] = now - t0
             next_poll = now + 0.2
+        if kill_at == math.inf:
+            staging = home() / "runs" / run_id
+            writing = _writing(staging)
+            # An upload aim waits for a moment between two writes.
+            between_writes = not writing and aim == "upload" and _uploads_pending(staging)
+            if (aim == "write" and writing) or between_writes:
+                break  # aimed: kill now
+            if now > aim_until:
+                break
         try:
-            line = reader.next(timeout=0.05)
+            line = reader.next(timeout=0.05 if kill_at is None or aim == "random" else 0.002)
         except TimeoutError:
             continue
         if line is None:
@@ -204,6 +263,20 @@ def _one_kill(zygote: subprocess.Popen[str], reader: LineReader, uri: str, rng: 
     folders, during_write = _staged_folders_are_whole(staging)
     unsent = [op for op in read_unsent(staging) if isinstance(op, CheckpointOp)]
     restored = _check_restored(run_id, uri, last_logged)
+    # The newest checkpoint that fully reached MLflow, read from the store and the journal, not from
+    # restore: the run's best tags are the last record a publish writes, after the READY LoggedModel
+    # and its version; nothing the journal marks as sent may be newer than what restore returns.
+    tags = client.get_run(run_id).data.tags
+    newest = int(tags["mlflow_best.best_epoch"])
+    tagged = client.get_logged_model(tags["mlflow_best.best_model_id"])
+    assert str(tagged.status).endswith("READY") and tagged.tags["epoch"] == str(newest)
+    by_epoch = {v.tags["epoch"]: v for v in client.search_model_versions(f"name='{name}'")}
+    assert by_epoch[str(newest)].tags["sha256"] == tags["mlflow_best.best_sha256"]
+    assert restored == newest, f"restored epoch {restored}; MLflow's newest complete checkpoint is {newest}"
+    assert max(_journaled_sent_best(staging), default=0) <= restored
+    # A kill between registering a version and writing the run's tags leaves a version that is
+    # newer than the run's best (counted: the publish is completed by sync).
+    ahead = any(int(e) > newest for e in by_epoch)
     # Upload what the killed process could not, into the same run; restore again.
     mlflow_best.sync(run_id)
     assert read_unsent(staging) == []
@@ -214,7 +287,7 @@ def _one_kill(zygote: subprocess.Popen[str], reader: LineReader, uri: str, rng: 
     assert all(n == 1 for n in per_epoch.values()), f"a checkpoint was registered twice: {per_epoch}"
     assert max(int(e) for e in per_epoch) == after
     seconds["total"] = time.monotonic() - t0
-    return _Kill(last_logged, restored, after, during_write, len(unsent), folders, seconds)
+    return _Kill(aim, last_logged, restored, after, during_write, len(unsent), folders, ahead, seconds)
 
 
 def test_sigkill_at_random_points_never_yields_a_half_written_checkpoint(
@@ -234,8 +307,8 @@ def test_sigkill_at_random_points_never_yields_a_half_written_checkpoint(
     kills: list[_Kill] = []
     try:
         assert reader.next(timeout=120) == "ready", log.read_text()[-3000:]
-        for _ in range(KILLS):
-            kills.append(_one_kill(zygote, reader, sqlite_uri, rng))
+        for i in range(KILLS):
+            kills.append(_one_kill(zygote, reader, sqlite_uri, rng, AIMS[i % len(AIMS)]))
     except BaseException:
         print(log.read_text()[-5000:])
         raise
@@ -243,12 +316,22 @@ def test_sigkill_at_random_points_never_yields_a_half_written_checkpoint(
         zygote.kill()
         zygote.wait()
     during_write = sum(k.during_write for k in kills)
+    during_upload = sum(k.during_upload for k in kills)
     mean = {key: sum(k.seconds[key] for k in kills) / len(kills) for key in kills[0].seconds}
+    each = [
+        (k.aimed_at, k.during_write, k.during_upload, k.last_logged, k.restored_epoch, k.after_sync_epoch)
+        for k in kills
+    ]
     print(
         f"\nkill loop: {len(kills)} kills, {len(kills)} verified restores before sync and after it; "
-        f"{during_write} kills interrupted a checkpoint write, "
-        f"{sum(k.unsent_checkpoints > 0 for k in kills)} left checkpoints not yet uploaded; "
+        f"{during_write} kills landed during a checkpoint write, {during_upload} while uploads were "
+        f"pending ({sum(k.during_write and k.during_upload for k in kills)} both, "
+        f"{sum(not k.during_write and not k.during_upload for k in kills)} neither); "
+        f"{sum(k.registered_ahead_of_tags for k in kills)} between a version and the run's tags; "
         f"mean seconds per kill {', '.join(f'{k} {v:.1f}' for k, v in mean.items())}\n"
-        f"(last epoch logged, epoch restored, epoch restored after sync): "
-        f"{[(k.last_logged, k.restored_epoch, k.after_sync_epoch) for k in kills]}"
+        f"(aimed at, during write, during upload, last epoch logged, restored, restored after sync): "
+        f"{each}"
     )
+    # The loop proves something only if its kills landed where it claims: in writes and in uploads.
+    assert during_write >= 1, "no kill landed during a checkpoint write"
+    assert during_upload >= 1, "no kill landed while uploads were pending"

@@ -11,6 +11,7 @@ import threading
 import time
 import warnings
 from collections.abc import Iterator
+from pathlib import Path
 
 import mlflow
 import pytest
@@ -185,3 +186,68 @@ def test_a_server_that_never_comes_back_raises_unsent_error_and_sync_uploads_lat
     restored = mlflow_best.restore(f"models:/{name}@best")
     assert restored.epoch == max(unsent_checkpoints)
     assert restored.run_id == run.run_id
+
+
+def _run_into_an_outage(outage_server: MlflowServer, name: str, **kwargs: object) -> mlflow_best.Run:
+    """Epoch 0 (best 1.0) reaches MLflow; the server dies; epoch 1 (best 0.5) and 2 stay journaled."""
+    with (
+        pytest.raises(mlflow_best.UnsentError, match=r"did not reach MLflow"),
+        mlflow_best.track(TinyNet(), None, experiment=unique("e"), registered_model=name, verbose=False,
+                          offline_timeout=1.0, **kwargs) as run,  # type: ignore[arg-type]
+    ):
+        run.log_epoch(0, {"val_loss": 1.0})
+        deadline = time.monotonic() + 60
+        while run.best.version is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert run.best.version == "1"
+        outage_server.stop(hard=True)
+        run.log_epoch(1, {"val_loss": 0.5})
+        run.log_epoch(2, {"val_loss": 0.9})
+    outage_server.start()
+    return run
+
+
+def test_a_stale_replay_never_moves_the_best_tags_backwards(
+    outage_server: MlflowServer, server_uri: str, tmp_path: Path
+) -> None:
+    name = unique("stale")
+    first = _run_into_an_outage(outage_server, name)
+    client = MlflowClient(server_uri)
+    # Another machine (another staging folder) resumes the run and gets further: best 0.2 at epoch 2.
+    with mlflow_best.track(TinyNet(), None, resume=first.run_id, registered_model=name, verbose=False,
+                           staging_dir=str(tmp_path / "elsewhere")) as second:
+        for epoch, value in zip(range(second.start_epoch, 4), [0.4, 0.2, 0.3], strict=False):
+            second.log_epoch(epoch, {"val_loss": value})
+    assert client.get_run(first.run_id).data.tags["mlflow_best.best_epoch"] == "2"
+    # Now the first machine's leftovers are synced: epoch 1 (0.5) is older and worse than what the run shows.
+    assert mlflow_best.sync(first.run_id) >= 1
+    tags = client.get_run(first.run_id).data.tags
+    assert (tags["mlflow_best.best_epoch"], float(tags["mlflow_best.best_value"])) == ("2", 0.2)
+    best = client.get_model_version_by_alias(name, "best")
+    assert best.tags["epoch"] == "2"
+    epochs = sorted(int(v.tags["epoch"]) for v in client.search_model_versions(f"name='{name}'"))
+    assert epochs == [0, 1, 1, 2]  # the replayed improvement is registered too: nothing is lost
+
+
+def test_a_resume_sends_the_previous_process_leftovers_first_and_the_run_stays_running(
+    outage_server: MlflowServer, server_uri: str
+) -> None:
+    name = unique("leftovers")
+    first = _run_into_an_outage(outage_server, name)
+    client = MlflowClient(server_uri)
+    with (
+        pytest.warns(RuntimeWarning, match="epoch 2 was already logged"),
+        mlflow_best.track(
+            TinyNet(), None, resume=first.run_id, registered_model=name, verbose=False
+        ) as again,
+    ):
+        # The leftovers went first: epoch 1's checkpoint is the one resumed from, epoch 2's metrics are in.
+        assert again.start_epoch == 2
+        assert client.get_run(first.run_id).info.status == "RUNNING"  # the old "run ended" was superseded
+        again.log_epoch(2, {"val_loss": 0.25})
+        again.log_epoch(3, {"val_loss": 0.9})
+    versions = sorted(client.search_model_versions(f"name='{name}'"), key=lambda v: int(v.version))
+    assert [int(v.tags["epoch"]) for v in versions] == [0, 1, 2]  # in order, each once
+    steps = sorted(m.step for m in client.get_metric_history(first.run_id, "val_loss"))
+    assert steps == [0, 1, 2, 2, 3]  # epoch 2 logged by both processes (the checkpoint was epoch 1)
+    assert client.get_run(first.run_id).info.status == "FINISHED"

@@ -77,6 +77,14 @@ TRAIN_SCRIPT = textwrap.dedent(
                 scaler.update()
             sched.step()
             run.log_epoch(epoch, {"train_loss": loss.item(), "score": scores[epoch]})
+            if phase == "mid":
+                # Killed by the test somewhere in here, while checkpoints are still being written
+                # and uploaded (the test checks where the kill landed).
+                print("EPOCH", epoch, flush=True)
+                time.sleep(0.1)
+        if phase == "mid":
+            print("DONE", flush=True)
+            time.sleep(600)
         if phase == "first":
             # The first half is trained; the process waits to be killed. It never leaves the block,
             # so nothing is written at exit: the resume must use what is already in MLflow.
@@ -227,6 +235,105 @@ def test_sigkill_and_resume_is_bit_identical_to_training_in_one_go(
     run = client.get_run(run_id)
     assert run.info.status == "FINISHED"
     assert sorted(m.step for m in client.get_metric_history(run_id, "score")) == list(range(2 * n))
+
+
+@pytest.mark.slow
+def test_sigkill_mid_pipeline_and_resume_is_bit_identical_to_training_in_one_go(
+    sqlite_uri: str, tmp_path: Path, _sqlite_template: Path
+) -> None:
+    """Killed while checkpoints are still being written and uploaded; resumed on the same machine
+    (same MLFLOW_BEST_HOME): the leftovers are replayed first, the resume starts after the newest
+    checkpoint that was written whole, and the result equals training in one go."""
+    from mlflow_best._checkpoint import verify_checkpoint
+    from mlflow_best._writer import CheckpointOp, read_unsent
+    from tests.conftest import new_sqlite_store
+
+    epochs = 8
+    scores = [1.0, 0.8, 0.9, 0.85, 0.7, 0.75, 0.6, 0.65]
+    script = tmp_path / "train.py"
+    script.write_text(TRAIN_SCRIPT)
+    straight_uri = new_sqlite_store(_sqlite_template, tmp_path / "straight")
+    straight_log = tmp_path / "straight.log"
+    straight = _start(
+        script,
+        ["full", str(epochs), str(tmp_path / "straight.pt")],
+        _child_env(straight_uri, tmp_path / "home-straight", scores),
+        straight_log,
+    )
+    home = tmp_path / "home-mid"
+    first_log = tmp_path / "first.log"
+    env = _child_env(sqlite_uri, home, scores)
+    first = _start(script, ["mid", str(epochs), str(tmp_path / "first.pt")], env, first_log)
+    client = MlflowClient(sqlite_uri)
+    try:
+        _wait_for(lambda: (tmp_path / "first.pt.run").is_file(), first, first_log, "the run to start")
+        _wait_for(lambda: (tmp_path / "first.pt.run").read_text().strip() != "", first, first_log, "its id")
+        run_id = (tmp_path / "first.pt.run").read_text().strip()
+        staging = home / "runs" / run_id
+
+        def mid_pipeline() -> bool:
+            if "DONE" in first_log.read_text(errors="replace"):
+                pytest.fail("the child finished training before the kill could land mid-pipeline")
+            tags = client.get_run(run_id).data.tags
+            in_mlflow = TAG + "best_epoch" in tags or TAG + "last_epoch" in tags
+            try:
+                pending = [op for op in read_unsent(staging) if isinstance(op, CheckpointOp)]
+            except (OSError, ValueError):
+                pending = []  # read while the child appends
+            # Aimed where a resume has most to get right: a checkpoint written whole, not yet uploaded.
+            return in_mlflow and any(_whole(verify_checkpoint, Path(op.folder)) for op in pending)
+
+        deadline = time.monotonic() + 180
+        while not mid_pipeline():
+            assert first.poll() is None and time.monotonic() < deadline, first_log.read_text()[-3000:]
+            time.sleep(0.01)
+        first.send_signal(signal.SIGKILL)
+        assert first.wait(timeout=30) == -signal.SIGKILL
+    finally:
+        if first.poll() is None:
+            first.kill()
+    log = first_log.read_text(errors="replace")
+    trained = [int(line.split()[1]) for line in log.splitlines() if line.startswith("EPOCH ")]
+    unsent = [op for op in read_unsent(staging) if isinstance(op, CheckpointOp)]
+    assert unsent, "the kill did not land while checkpoints were pending"
+    assert "DONE" not in log and max(trained, default=-1) < epochs - 1
+    tags = client.get_run(run_id).data.tags
+    in_mlflow = max(int(tags.get(TAG + "best_epoch", -1)), int(tags.get(TAG + "last_epoch", -1)))
+    whole = [op.epoch for op in unsent if _whole(verify_checkpoint, Path(op.folder))]
+    newest = max([in_mlflow, *whole])
+    print(
+        f"\nkilled after epoch {max(trained, default=-1)} was logged: newest checkpoint in MLflow "
+        f"{in_mlflow}, {len(unsent)} checkpoint(s) unsent ({len(whole)} whole on disk); "
+        f"the resume starts at {newest + 1}"
+    )
+
+    resumed_log = tmp_path / "resumed.log"
+    resumed = _start(
+        script,
+        ["resume", str(epochs), str(tmp_path / "resumed.pt"), run_id],
+        _child_env(sqlite_uri, home, scores),
+        resumed_log,
+    )
+    _finish(resumed, resumed_log)
+    _finish(straight, straight_log)
+    a = torch.load(tmp_path / "straight.pt", weights_only=True)
+    b = torch.load(tmp_path / "resumed.pt", weights_only=True)
+    assert b["start_epoch"] == newest + 1  # after the newest whole checkpoint, the replayed ones included
+    for key in ("model", "optimizer", "scheduler", "scaler", "torch_rng", "loader_rng"):
+        _assert_identical(a[key], b[key], key)
+    assert (a["numpy_next"], a["python_next"]) == (b["numpy_next"], b["python_next"])
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED"
+    assert sorted({m.step for m in client.get_metric_history(run_id, "score")}) == list(range(epochs))
+    assert read_unsent(staging) == []  # the killed process's leftovers were sent by the resume
+
+
+def _whole(verify: Callable[[Path], Any], folder: Path) -> bool:
+    try:
+        verify(folder)
+    except (OSError, mlflow_best.CheckpointError):
+        return False
+    return True
 
 
 # -- in one process ------------------------------------------------------------------------------

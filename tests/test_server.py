@@ -12,7 +12,7 @@ import torch
 from mlflow import MlflowClient
 
 import mlflow_best
-from mlflow_best._tracker import _HTTP_DEFAULTS
+from mlflow_best._reach import HTTP_BOUNDS as _HTTP_DEFAULTS
 from tests._server import MlflowServer, free_port
 from tests.helpers import TinyNet, run_sequence, unique
 
@@ -45,10 +45,11 @@ def test_checkpoints_travel_through_the_proxied_artifact_store(
         mlflow.set_tracking_uri(None)
 
 
-def test_mlflow_http_retries_are_bounded_so_no_call_blocks_for_minutes(
-    monkeypatch: pytest.MonkeyPatch,
+def test_mlflow_http_retries_are_bounded_inside_the_block_and_put_back_after_it(
+    monkeypatch: pytest.MonkeyPatch, sqlite_uri: str
 ) -> None:
-    """MLflow alone retries an unreachable server for ~4 minutes; under track() a call gives up in seconds."""
+    """MLflow alone retries an unreachable server for ~4 minutes; under track() a call gives up in seconds,
+    and the process's settings are as they were once the block has ended (failed or not)."""
     for key in _HTTP_DEFAULTS:
         monkeypatch.setenv(key, "placeholder")  # recorded, so that the test leaves the environment as it was
         monkeypatch.delenv(key)
@@ -60,9 +61,13 @@ def test_mlflow_http_retries_are_bounded_so_no_call_blocks_for_minutes(
     ):
         pass
     took = time.monotonic() - started
-    assert {key: os.environ[key] for key in _HTTP_DEFAULTS} == _HTTP_DEFAULTS
     assert took < 30, f"one refused call took {took:.1f} s"
-    # A user's own setting wins over ours.
+    assert not any(key in os.environ for key in _HTTP_DEFAULTS)  # put back after a failed start
+    with mlflow_best.track(TinyNet(), None, verbose=False) as run:
+        assert {key: os.environ[key] for key in _HTTP_DEFAULTS} == _HTTP_DEFAULTS
+        run.log_epoch(0, {"val_loss": 1.0})
+    assert not any(key in os.environ for key in _HTTP_DEFAULTS)  # put back after the block
+    # A user's own setting wins over ours, and stays.
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     with (
         pytest.raises(mlflow_best.TrackingStoreError),
