@@ -497,7 +497,7 @@ def test_sigkill_mid_pipeline_restores_the_newest_checkpoint_in_mlflow_and_sync_
 ) -> None:
     from mlflow_best._checkpoint import verify_checkpoint
     from mlflow_best._config import home
-    from mlflow_best._writer import CheckpointOp, read_unsent
+    from mlflow_best._staging import CheckpointOp, read_unsent
 
     # Every weight of the model equals its epoch, and every epoch improves: a restored model says
     # which epoch it is, and uploads of 4 MB checkpoints fall behind the 20 ms epochs.

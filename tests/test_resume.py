@@ -245,7 +245,7 @@ def test_sigkill_mid_pipeline_and_resume_is_bit_identical_to_training_in_one_go(
     (same MLFLOW_BEST_HOME): the leftovers are replayed first, the resume starts after the newest
     checkpoint that was written whole, and the result equals training in one go."""
     from mlflow_best._checkpoint import verify_checkpoint
-    from mlflow_best._writer import CheckpointOp, read_unsent
+    from mlflow_best._staging import CheckpointOp, read_unsent
     from tests.conftest import new_sqlite_store
 
     epochs = 8
