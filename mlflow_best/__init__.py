@@ -11,16 +11,12 @@ loop), and ``restore`` brings any of them back onto any device::
     net = mlflow_best.load_model("models:/digits-mlp@best")   # weights only, for inference
 """
 
-from __future__ import annotations
+# The public surface only: every name here is in __all__ (tests/test_startup.py checks that nothing
+# else leaks). Importing the package imports neither torch nor MLflow: the names that need them are
+# loaded on first use (PEP 562), so `mlflow-best --help` and non-zero DDP ranks never pay for MLflow.
+import typing as _typing
 
-import os
-from collections.abc import Callable, Mapping, Sequence
-from typing import Any
-
-import torch
-
-from mlflow_best._config import TrackConfig
-from mlflow_best._criterion import Mode
+from mlflow_best._api import track
 from mlflow_best._errors import (
     ArchitectureMismatchError,
     CheckpointError,
@@ -32,13 +28,15 @@ from mlflow_best._errors import (
     UnsafeCheckpointError,
     UnsentError,
 )
-from mlflow_best._promote import Promotion, promote
-from mlflow_best._pyfunc import load_model
-from mlflow_best._recipe import factory_path
-from mlflow_best._replay import sync
-from mlflow_best._restore import Restored, restore
-from mlflow_best._tracker import Best, Run
 from mlflow_best._version import __version__
+
+if _typing.TYPE_CHECKING:
+    from mlflow_best._promote import Promotion, promote
+    from mlflow_best._pyfunc import load_model
+    from mlflow_best._replay import sync
+    from mlflow_best._restore import Restored, restore
+    from mlflow_best._runs import runs
+    from mlflow_best._tracker import Best, Run
 
 __all__ = [
     "ArchitectureMismatchError",
@@ -58,116 +56,36 @@ __all__ = [
     "load_model",
     "promote",
     "restore",
+    "runs",
     "sync",
     "track",
 ]
 
+# name -> the private module that defines it, imported when the name is first used
+_LAZY = {
+    "Best": "_tracker",
+    "Run": "_tracker",
+    "Promotion": "_promote",
+    "promote": "_promote",
+    "load_model": "_pyfunc",
+    "Restored": "_restore",
+    "restore": "_restore",
+    "sync": "_replay",
+    "runs": "_runs",
+}
 
-def track(
-    model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer | None = None,
-    *,
-    monitor: str = "val_loss",
-    mode: Mode = "min",
-    experiment: str | None = None,
-    registered_model: str | None = None,
-    alias: str | None = "best",
-    min_delta: float = 0.0,
-    scheduler: Any = None,
-    scaler: Any = None,
-    model_args: dict[str, Any] | None = None,
-    model_factory: Callable[..., torch.nn.Module] | None = None,
-    params: dict[str, Any] | None = None,
-    tags: dict[str, Any] | None = None,
-    run_name: str | None = None,
-    resume: str | None = None,
-    tracking_uri: str | None = None,
-    keep: int | None = None,
-    save_last: bool | int = False,
-    generators: Mapping[str, torch.Generator] | None = None,
-    staging_dir: str | None = None,
-    verbose: bool | None = None,
-    offline_timeout: float = 60.0,
-    input_example: Any = None,
-    code_paths: Sequence[str | os.PathLike[str]] | None = None,
-) -> Run:
-    """Track a training run in MLflow and keep its best checkpoints; use as ``with track(...) as run``.
 
-    Every ``run.log_epoch(epoch, metrics)`` logs the epoch's metrics (one batched call, step=epoch).
-    When ``monitor`` improves, the full training state is copied to CPU memory and, in the
-    background, written atomically, logged as an MLflow LoggedModel and registered as a version of
-    ``registered_model``; ``alias`` moves to it if it is the best version across all runs. Every
-    checkpoint is also an MLflow model (``mlflow.pyfunc.load_model``, ``mlflow models serve``).
+if not _typing.TYPE_CHECKING:  # type checkers see the imports above, and no catch-all attribute
 
-    Args:
-        model: the model (DDP / ``torch.compile`` wrappers are unwrapped for the state_dict).
-        optimizer: its optimizer; saved and restored with the model.
-        monitor: the metric that decides, as passed to ``log_epoch``.
-        mode: "min" (lower is better) or "max".
-        experiment: MLflow experiment name, created if missing (None: ``MLFLOW_EXPERIMENT_NAME`` or Default).
-        registered_model: registry name to register improvements as versions of (None: register nothing).
-        alias: registry alias moved to the best version (None: leave aliases alone).
-        min_delta: an epoch improves only when better than the best by more than this.
-        scheduler: an LR scheduler whose state is checkpointed.
-        scaler: a ``torch.amp.GradScaler`` whose state is checkpointed.
-        model_args: JSON-able keyword arguments of the model's class (or of ``model_factory``), so
-            ``restore`` can rebuild it without ``model=``; checked against the signature here.
-        model_factory: a module-level function (or class) that builds the model from ``model_args``,
-            for models made by builders such as ``torchvision.models.resnet18(num_classes=10)``;
-            recorded by its import path. Lambdas and nested functions are refused.
-        params: extra run params. tags: extra run tags. run_name: the MLflow run name.
-        resume: a run id: reopen that run, load its latest checkpoint (weights, optimizer, scheduler,
-            scaler, RNG) into the given objects, and continue at ``run.start_epoch``.
-        tracking_uri: the MLflow tracking URI (None: MLflow's own, e.g. ``MLFLOW_TRACKING_URI``).
-        keep: keep only the files of the N best checkpoints (None: keep all).
-        save_last: also keep a rolling "last" checkpoint every N epochs (True: every epoch), never
-            registered; ``resume`` uses it, and it is written when the block raises.
-        generators: named ``torch.Generator`` objects (e.g. a DataLoader's) saved and restored with RNG.
-        staging_dir: local folder for checkpoints before upload (default ``$MLFLOW_BEST_HOME/runs``).
-        verbose: print a line per epoch and a summary (None: only when stdout is a terminal).
-        offline_timeout: at exit, how long to keep retrying an unreachable server before giving up
-            and raising ``UnsentError`` (everything stays on disk for ``sync``).
-        input_example: a batch the model accepts (numpy array, DataFrame, tensor, or dict of arrays
-            for several inputs): the signature is inferred from it once, here, and recorded on
-            every version, so the UI shows the schema and serving validates input.
-        code_paths: files or folders shipped in every version under ``code/`` (as MLflow's
-            ``log_model(code_paths=...)``), so the model class imports where it is served.
+    def __getattr__(name: str) -> object:
+        module = _LAZY.get(name)
+        if module is None:
+            raise AttributeError(f"module 'mlflow_best' has no attribute {name!r}")
+        import importlib
 
-    Returns:
-        A ``Run`` context manager.
+        value = getattr(importlib.import_module(f"mlflow_best.{module}"), name)
+        globals()[name] = value  # the next lookup is a plain attribute
+        return value
 
-    Raises:
-        ConfigError: a bad argument (raised here, before any run is started).
-        TrackingStoreError: on entering the block, when the tracking store cannot be reached.
-    """
-    config = TrackConfig(
-        monitor=monitor,
-        mode=mode,
-        min_delta=min_delta,
-        experiment=experiment,
-        registered_model=registered_model,
-        alias=alias,
-        model_args=model_args,
-        model_factory=None if model_factory is None else factory_path(model_factory),
-        params=params,
-        tags=tags,
-        run_name=run_name,
-        resume=resume,
-        tracking_uri=tracking_uri,
-        keep=keep,
-        save_last=save_last,
-        staging_dir=staging_dir,
-        verbose=verbose,
-        offline_timeout=offline_timeout,
-    )
-    return Run(
-        model,
-        optimizer,
-        config,
-        scheduler=scheduler,
-        scaler=scaler,
-        generators=generators,
-        model_factory=model_factory,
-        input_example=input_example,
-        code_paths=code_paths,
-    )
+    def __dir__() -> list[str]:
+        return sorted({*globals(), *__all__})

@@ -5,22 +5,28 @@ from __future__ import annotations
 import json
 import math
 import os
+import posixpath
+import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mlflow.exceptions import MlflowException
-from mlflow.utils.validation import (
-    MAX_ENTITY_KEY_LENGTH,
-    _validate_metric_name,
-    _validate_model_alias_name,
-    _validate_model_name,
-    _validate_param_name,
-    _validate_tag_name,
-)
-
 from mlflow_best._criterion import Criterion, Mode
 from mlflow_best._errors import ConfigError, MetricError
+
+# MLflow's naming rules (mlflow/utils/validation.py), restated so that checking a name needs no
+# import of mlflow: every DDP rank checks its metric names, and only rank 0 talks to MLflow.
+# tests/test_startup.py holds them against MLflow's own validators.
+MAX_ENTITY_KEY_LENGTH = 250
+_MAX_ALIAS_LENGTH = 255
+_KEY_CHARACTERS = re.compile(r"^[/\w.\- ]*$" if os.name == "nt" else r"^[/\w.\- :]*$")
+_ALIAS_CHARACTERS = re.compile(r"^[\w\-]*$")
+_BAD_KEY_MESSAGE = (
+    "Names may only contain alphanumerics, underscores (_), dashes (-), periods (.), spaces ( )"
+    + ("" if os.name == "nt" else ", colon(:)")
+    + " and slashes (/)."
+)
 
 
 def home() -> Path:
@@ -55,7 +61,7 @@ class TrackConfig:
         object.__setattr__(self, "criterion", Criterion(self.mode, self.min_delta))
         if not isinstance(self.monitor, str) or not self.monitor:
             raise ConfigError(f"monitor={self.monitor!r} must be a metric name, e.g. monitor='val_loss'")
-        _mlflow_check(_validate_metric_name, self.monitor, "monitor")
+        _mlflow_check(key_rule, self.monitor, "monitor")
         if len(self.monitor) > MAX_ENTITY_KEY_LENGTH - len("best_"):
             raise ConfigError(
                 f"monitor={self.monitor[:40]!r}... is {len(self.monitor)} characters; track also logs "
@@ -65,11 +71,11 @@ class TrackConfig:
         if self.registered_model is not None:
             if not isinstance(self.registered_model, str):
                 raise ConfigError(f"registered_model={self.registered_model!r} must be a str or None")
-            _mlflow_check(_validate_model_name, self.registered_model, "registered_model")
+            _mlflow_check(model_name_rule, self.registered_model, "registered_model")
         if self.alias is not None:
             if not isinstance(self.alias, str):
                 raise ConfigError(f"alias={self.alias!r} must be a str or None, e.g. alias='best'")
-            _mlflow_check(_validate_model_alias_name, self.alias, "alias")
+            _mlflow_check(alias_rule, self.alias, "alias")
             if self.alias.lower() == "latest" or (self.alias[:1] in "vV" and self.alias[1:].isdigit()):
                 raise ConfigError(
                     f"alias={self.alias!r} is reserved by the MLflow registry (latest, v<N>); "
@@ -132,19 +138,59 @@ def check_key(key: Any, what: str, error: type[ConfigError] | type[MetricError] 
             f"{what} {key[:40]!r}... is {len(key)} characters; MLflow accepts at most "
             f"{MAX_ENTITY_KEY_LENGTH}. Use a shorter name"
         )
-    check: Any = _validate_tag_name if what.startswith("tags") else (
-        _validate_param_name if what.startswith("params") else _validate_metric_name
-    )
-    try:
-        check(key)
-    except MlflowException as e:
-        rule = e.message.split("supplied: ", 1)[-1]
+    rule = key_rule(key)
+    if rule is not None:
         safe = "".join(c if c.isalnum() or c in "_-. :/" else "_" for c in key).strip("/") or "metric"
-        raise error(f"{what} {key!r} is refused by MLflow: {rule} Rename it, e.g. {safe!r}") from e
+        raise error(f"{what} {key!r} is refused by MLflow: {rule} Rename it, e.g. {safe!r}")
 
 
-def _mlflow_check(check: Any, value: str, arg: str) -> None:
-    try:
-        check(value)
-    except MlflowException as e:
-        raise ConfigError(f"{arg}={value!r} is not accepted by MLflow: {e.message}") from e
+def key_rule(key: str) -> str | None:
+    """The rule of MLflow's that a metric, param or tag name breaks, or None when it is accepted."""
+    if not _KEY_CHARACTERS.match(key):
+        return _BAD_KEY_MESSAGE
+    if _path_not_unique(key):
+        return _bad_path_message(key)
+    return None
+
+
+def model_name_rule(name: str) -> str | None:
+    """The rule of MLflow's that a registered model name breaks, or None when it is accepted."""
+    if not name.strip():
+        return "Missing value for required parameter 'name'."
+    if "/" in name or ":" in name:
+        return f"Invalid model name '{name}'. Names cannot contain '/' or ':'."
+    if _path_not_unique(name):
+        return f"Invalid value {json.dumps(name)} for parameter 'name' supplied: {_bad_path_message(name)}"
+    return None
+
+
+def alias_rule(alias: str) -> str | None:
+    """The rule of MLflow's that a registered model alias breaks, or None when it is accepted."""
+    if not alias:
+        return "Registered model alias name cannot be empty."
+    if not _ALIAS_CHARACTERS.match(alias):
+        return (
+            f"Invalid alias name: '{alias}'. Names may only contain alphanumerics, underscores (_), "
+            "and dashes (-)."
+        )
+    if len(alias) > _MAX_ALIAS_LENGTH:
+        return f"'Registered model alias name' exceeds the maximum length of {_MAX_ALIAS_LENGTH} characters"
+    return None
+
+
+def _path_not_unique(name: str) -> bool:
+    norm = posixpath.normpath(name)
+    return norm != name or norm == "." or norm.startswith("..") or norm.startswith("/")
+
+
+def _bad_path_message(name: str) -> str:
+    return (
+        "Names may be treated as files in certain cases, and must not resolve to other names when "
+        f"treated as such. This name would resolve to {posixpath.normpath(name)!r}"
+    )
+
+
+def _mlflow_check(rule: Callable[[str], str | None], value: str, arg: str) -> None:
+    broken = rule(value)
+    if broken is not None:
+        raise ConfigError(f"{arg}={value!r} is not accepted by MLflow: {broken}")

@@ -9,6 +9,8 @@ import mlflow
 import torch
 from torch import nn
 
+from mlflow_best._shell import command
+
 
 class DigitsMLP(nn.Module):
     """8x8 digit images (64 features) -> 10 classes."""
@@ -98,9 +100,10 @@ def run_demo(epochs: int = 15, lr: float = 0.01, hidden: int = 64, experiment: s
             run.log_epoch(epoch, {"train_loss": tl, "val_loss": vl, "val_acc": va})
     # The run's own summary (best epoch, version, alias, how to open the UI) is printed by track();
     # the demo adds how to get the model back, and proves it by doing so.
-    print(f"  restore it    mlflow-best restore models:/{registered_model}@best --out best.pt")
+    cli, mlflow_cli = command("mlflow-best"), command("mlflow")
+    print(f"  restore it    {cli} restore models:/{registered_model}@best --out best.pt")
     print(f"                mlflow_best.restore(\"models:/{registered_model}@best\", device=\"cuda\")")
-    print(f"  serve it      mlflow models serve -m models:/{registered_model}@best --env-manager local")
+    print(f"  serve it      {mlflow_cli} models serve -m models:/{registered_model}@best --env-manager local")
     r = mlflow_best.restore(run.run_id)
     _, acc = evaluate(r.model, data.x_test, data.y_test)
     took = time.perf_counter() - start

@@ -10,8 +10,6 @@ from __future__ import annotations
 import threading
 from typing import Any
 
-import mlflow
-
 # Run ids of the track blocks open in this process whose run is on the fluent stack.
 _TRACKED: set[str] = set()
 _LOCK = threading.Lock()
@@ -19,6 +17,8 @@ _LOCK = threading.Lock()
 
 def active_run() -> tuple[str, str, bool] | None:
     """``(run_id, experiment_id, opened_by_track)`` of MLflow's active fluent run, or None."""
+    import mlflow
+
     active = mlflow.active_run()
     if active is None:
         return None

@@ -4,10 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-
-import mlflow
-from mlflow import MlflowClient
-from mlflow.exceptions import MlflowException
+from typing import TYPE_CHECKING
 
 from mlflow_best._criterion import Criterion
 from mlflow_best._errors import CheckpointNotFoundError, ConfigError, TrackingStoreError
@@ -22,6 +19,9 @@ from mlflow_best._registry import (
     is_missing,
     known_models,
 )
+
+if TYPE_CHECKING:
+    from mlflow import MlflowClient
 
 
 @dataclass(frozen=True)
@@ -93,6 +93,10 @@ def promote(
         >>> print(mlflow_best.promote("digits-mlp"))  # doctest: +SKIP
         digits-mlp@champion -> v7 (best val_loss=0.1274 of 7 version(s), mode min: lower is better); was v5
     """
+    import mlflow
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
     if version is not None and (isinstance(version, bool) or not str(version).isdigit()):
         raise ConfigError(f"version={version!r} must be a version number such as 3, or None to pick the best")
     if not isinstance(alias, str) or not alias:
@@ -113,6 +117,8 @@ def promote(
 
 
 def _promote(client: MlflowClient, name: str, version: str | None, alias: str) -> Promotion:
+    from mlflow.exceptions import MlflowException
+
     try:
         client.get_registered_model(name)
     except MlflowException as e:

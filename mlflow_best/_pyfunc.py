@@ -26,14 +26,13 @@ import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import mlflow
 import numpy as np
 import torch
 import yaml
-from mlflow import MlflowClient
 
+from mlflow_best import _distributed as dist
 from mlflow_best._cache import Seal
 from mlflow_best._checkpoint import (
     CODE_DIR,
@@ -61,6 +60,9 @@ from mlflow_best._restore import (
 )
 from mlflow_best._version import __version__
 
+if TYPE_CHECKING:
+    from mlflow import MlflowClient
+
 LOADER_MODULE = "mlflow_best._pyfunc"
 FLAVOR = "mlflow_best"
 MLMODEL = "MLmodel"
@@ -74,6 +76,8 @@ _SKIP_CODE = ("__pycache__", ".git", ".mypy_cache", ".pytest_cache", ".ruff_cach
 
 def pinned_requirements() -> list[str]:
     """The pip requirements every version records: this environment's torch, mlflow, mlflow-best."""
+    import mlflow
+
     # A local version label (2.13.0+cpu) is not installable from PyPI; MLflow drops it the same way.
     return [
         f"torch=={torch.__version__.split('+', 1)[0]}",
@@ -104,9 +108,15 @@ class ModelFiles:
         code_paths: Sequence[str | os.PathLike[str]] | None = None,
     ) -> ModelFiles:
         """Validate ``input_example`` and ``code_paths`` (ConfigError) and compute the files."""
+        code = read_code_paths(code_paths)
+        if dist.rank() != 0:
+            # Only rank 0 writes checkpoints. The other ranks check the same arguments, so that every
+            # rank fails alike, and need no MLflow for it.
+            if input_example is not None:
+                check_example(model, input_example)
+            return cls({}, None, code)
         from mlflow.utils.environment import _mlflow_conda_env, _PythonEnv
 
-        code = read_code_paths(code_paths)
         signature = infer_signature(model, input_example) if input_example is not None else None
         requirements = pinned_requirements()
         conda = _mlflow_conda_env(additional_pip_deps=requirements, install_mlflow=False)  # type: ignore[no-untyped-call]
@@ -252,9 +262,18 @@ def forward(model: torch.nn.Module, x: Any, device: torch.device) -> Any:
 
 def infer_signature(model: torch.nn.Module, example: Any) -> dict[str, Any]:
     """MLflow's signature of ``model`` on ``example``: one forward pass in eval mode, RNG and modes kept."""
-    import pandas as pd
     from mlflow.models import infer_signature as mlflow_infer
     from mlflow.models.signature import ModelSignature
+
+    example, output = check_example(model, example)
+    signature: ModelSignature = mlflow_infer(example, output)
+    result: dict[str, Any] = signature.to_dict()
+    return result
+
+
+def check_example(model: torch.nn.Module, example: Any) -> tuple[Any, Any]:
+    """``example`` as numpy and the model's output on it; a ``ConfigError`` when the model refuses it."""
+    import pandas as pd
 
     shown = _describe(example)
     if isinstance(example, torch.Tensor):
@@ -288,9 +307,7 @@ def infer_signature(model: torch.nn.Module, example: Any) -> dict[str, Any]:
     finally:
         for module, training in modes.items():
             module.training = training
-    signature: ModelSignature = mlflow_infer(example, output)
-    result: dict[str, Any] = signature.to_dict()
-    return result
+    return example, output
 
 
 def _describe(value: Any) -> str:
@@ -451,6 +468,9 @@ def load_for_inference(
     trust_code: bool = False,
 ) -> Loaded:
     """``load_model`` with the manifest and the reference's run and version."""
+    import mlflow
+    from mlflow import MlflowClient
+
     target = _device(device)
     if isinstance(ref, os.PathLike) or (isinstance(ref, str) and Path(ref).is_dir()):
         folder = Path(ref)

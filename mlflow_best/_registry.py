@@ -15,18 +15,18 @@ import re
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
-
-import mlflow
-from mlflow import MlflowClient
-from mlflow.entities import LoggedModelOutput, Metric, RunTag
-from mlflow.exceptions import MlflowException
+from typing import TYPE_CHECKING, Any
 
 from mlflow_best import _signing as signing
 from mlflow_best._checkpoint import manifest_sha256
 from mlflow_best._criterion import Criterion
 from mlflow_best._retention import Candidate, aliases_of, to_prune
 from mlflow_best._staging import ArtifactOp, CheckpointOp, EndOp, MetricsOp, Op, TagsOp, discard_folder
+
+if TYPE_CHECKING:
+    from mlflow import MlflowClient
+    from mlflow.entities import Metric
+    from mlflow.exceptions import MlflowException
 
 TAG = "mlflow_best."
 # Tags on each model version; plain keys so they read well in the registry UI.
@@ -86,6 +86,8 @@ def link_version(client: MlflowClient, model_id: str, name: str, version: str) -
 
 def ensure_registered_model(client: MlflowClient, name: str) -> None:
     """Create the registered model if it does not exist (safe against a concurrent creator)."""
+    from mlflow.exceptions import MlflowException
+
     try:
         client.get_registered_model(name)
     except MlflowException as e:
@@ -157,6 +159,8 @@ def _all_versions(client: MlflowClient, name: str, run_id: str | None = None) ->
 
 def known_models(client: MlflowClient, limit: int = 20) -> str:
     """``'a', 'b', ...`` the registered models of the store (at most ``limit``), for error messages."""
+    from mlflow.exceptions import MlflowException
+
     try:
         page = client.search_registered_models(max_results=limit)
     except MlflowException:
@@ -189,6 +193,8 @@ def move_alias_to_best(
     after its own version exists, so a stale write by another process is always followed by that
     process's own check, which repairs it.
     """
+    from mlflow.exceptions import MlflowException
+
     for attempt in range(_ALIAS_ATTEMPTS):
         best = best_version(client, name, monitor, criterion)
         if best is None:
@@ -247,6 +253,8 @@ class Publisher:
 
     def __call__(self, ops: Sequence[Op]) -> None:
         """Send one batch: metric items in a single ``log_batch``, any other item alone."""
+        from mlflow.entities import RunTag
+
         if len(ops) != 1 or isinstance(ops[0], MetricsOp):
             if not all(isinstance(op, MetricsOp) for op in ops):
                 raise TypeError("only metric items are sent together")
@@ -267,12 +275,17 @@ class Publisher:
             self.client.set_terminated(self.run_id, op.status)
 
     def _metrics(self, op: MetricsOp | CheckpointOp, model_id: str | None) -> list[Metric]:
+        from mlflow.entities import Metric
+
         return [
             Metric(k, v, op.timestamp_ms, op.epoch, model_id=model_id, run_id=self.run_id)
             for k, v in op.metrics.items()
         ]
 
     def _publish_best(self, op: CheckpointOp) -> None:
+        from mlflow.entities import LoggedModelOutput, RunTag
+        from mlflow.exceptions import MlflowException
+
         p = op.progress
         folder = Path(op.folder)
         if "sha256" not in p:
@@ -437,6 +450,8 @@ class Publisher:
 
     def _aliases(self, names: set[str]) -> dict[str, dict[str, str]]:
         """``{alias: version}`` of each registered model in ``names`` (a deleted one has none)."""
+        from mlflow.exceptions import MlflowException
+
         out: dict[str, dict[str, str]] = {}
         for name in sorted(names):
             try:
@@ -456,6 +471,8 @@ class Publisher:
         The LoggedModel's own artifact location is then the source; the ``mlflow_best.model_id``
         tag keeps the link for ``restore``.
         """
+        import mlflow
+
         uri = self.client.tracking_uri
         scheme = uri.split(":", 1)[0].split("+", 1)[0]
         if scheme in ("sqlite", "postgresql", "mysql", "mssql") and uri != mlflow.get_tracking_uri():
@@ -483,6 +500,8 @@ class Publisher:
                     break
 
     def _publish_last(self, op: CheckpointOp) -> None:
+        from mlflow.entities import RunTag
+
         p = op.progress
         folder = Path(op.folder)
         path = f"checkpoints/last-epoch={op.epoch:04d}"
@@ -512,6 +531,8 @@ class Publisher:
 
 def _unless_missing(call: Callable[..., Any], *args: Any) -> None:
     """``call(*args)``; a version deleted by hand is nothing to tag, any other failure is raised."""
+    from mlflow.exceptions import MlflowException
+
     try:
         call(*args)
     except MlflowException as e:
@@ -525,6 +546,7 @@ def _search_logged_models(client: MlflowClient, experiment_id: str, run_id: str)
 
 
 def _delete_artifacts(artifact_uri: str, path: str | None = None) -> None:
+    from mlflow.exceptions import MlflowException
     from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
 
     # A stale folder costs storage only; tags point at what is current.

@@ -12,12 +12,9 @@ import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import mlflow
 import torch
-from mlflow import MlflowClient
-from mlflow.exceptions import MlflowException
 
 from mlflow_best._cache import WEIGHTS, Seal, enforce_limit, max_bytes, partial_dir, sweep, touch
 from mlflow_best._checkpoint import (
@@ -66,6 +63,9 @@ from mlflow_best._registry import (
 )
 from mlflow_best._signing import SIGNATURE_FILE
 from mlflow_best._state import apply_rng, unwrap_model
+
+if TYPE_CHECKING:
+    from mlflow import MlflowClient
 
 RUN_FILE = "run.json"
 _RUN_ID = re.compile(r"^[0-9a-f]{32}$")
@@ -193,6 +193,9 @@ def _restore(
     model_factory: Any,
     trust_code: bool,
 ) -> Restored:
+    import mlflow
+    from mlflow import MlflowClient
+
     client: MlflowClient | None = None
     if isinstance(ref, os.PathLike) or (isinstance(ref, str) and Path(ref).is_dir()):
         folder = Path(ref)
@@ -355,6 +358,8 @@ REF_FORMS = (
 
 
 def _resolve(client: MlflowClient, ref: str) -> _Source:
+    from mlflow.exceptions import MlflowException
+
     if not isinstance(ref, str) or not ref:
         raise ConfigError(f"ref={ref!r} is not a reference; pass {REF_FORMS}")
     try:
@@ -379,6 +384,8 @@ def _resolve(client: MlflowClient, ref: str) -> _Source:
 def _missing(client: MlflowClient, ref: str, name: str, *, alias: str | None = None,
              version: str | None = None) -> CheckpointNotFoundError:
     """Why ``name@alias`` / ``name/version`` was not found, with what exists instead."""
+    from mlflow.exceptions import MlflowException
+
     try:
         model = client.get_registered_model(name)
     except MlflowException as e:
@@ -402,6 +409,8 @@ def _missing(client: MlflowClient, ref: str, name: str, *, alias: str | None = N
 
 
 def _resolve_model(client: MlflowClient, rest: str, ref: str) -> _Source:
+    from mlflow.exceptions import MlflowException
+
     if "@" in rest:
         name, alias = rest.rsplit("@", 1)
         try:
@@ -454,6 +463,8 @@ def _from_version(client: MlflowClient, mv: Any, alias: str | None = None) -> _S
 
 def _with_files(client: MlflowClient, pruned: Any) -> str:
     """Where to go instead of a pruned version: its model's aliases and its best version with files."""
+    from mlflow.exceptions import MlflowException
+
     name, tags = pruned.name, pruned.tags or {}
     try:
         aliases = client.get_registered_model(name).aliases or {}
@@ -587,6 +598,9 @@ def download_into_cache(
     serves, else the two files go to ``cache/weights/<sha256>``. After each call the cache is within
     its size bound (``MLFLOW_BEST_CACHE_MAX_BYTES``), the entry returned excepted.
     """
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
     if source.sha256 is None and os.path.isdir(source.artifact_uri):
         return Path(source.artifact_uri)  # a local staged copy: verified by the loader, in place
     max_bytes()  # a bad MLFLOW_BEST_CACHE_MAX_BYTES is refused before anything is downloaded
@@ -634,6 +648,8 @@ def _used(cache: Path, entry: Path) -> Path:
 
 def _download_weights(client: MlflowClient, source: _Source, stored: str, tmp: Path) -> str:
     """Download only ``manifest.json``, ``model.pt`` (and the signature, if any) into ``tmp``."""
+    from mlflow.exceptions import MlflowException
+
     try:
         _download(client, stored, MANIFEST, tmp)
     except (MlflowException, OSError):
@@ -648,6 +664,8 @@ def _download_weights(client: MlflowClient, source: _Source, stored: str, tmp: P
 
 
 def _download(client: MlflowClient, stored: str, name: str, dst: Path) -> None:
+    import mlflow
+
     local = Path(
         mlflow.artifacts.download_artifacts(
             artifact_uri=f"{stored}/{name}", dst_path=str(dst), tracking_uri=client.tracking_uri

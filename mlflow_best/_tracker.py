@@ -18,14 +18,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import mlflow
 import torch
-from mlflow import MlflowClient
-from mlflow.entities import Param, RunStatus, RunTag
-from mlflow.exceptions import MlflowException
-from mlflow.tracking.context.registry import resolve_tags
 
 from mlflow_best import _distributed as dist
 from mlflow_best import _errors
@@ -52,6 +47,7 @@ from mlflow_best._recipe import (
 )
 from mlflow_best._registry import TAG, Publisher, checkpoint_name, ensure_registered_model, is_missing
 from mlflow_best._replay import sync_staging
+from mlflow_best._shell import command, ui_page
 from mlflow_best._staging import (
     LEASE_TAG,
     ArtifactOp,
@@ -69,6 +65,9 @@ from mlflow_best._staging import (
 from mlflow_best._state import SnapshotPool, capture_rng, to_plain, unwrap_model
 from mlflow_best._version import __version__
 from mlflow_best._writer import Pipeline
+
+if TYPE_CHECKING:
+    from mlflow import MlflowClient
 
 # A live run is leased: a tag that the upload thread renews, so a second resume= of the same run on
 # another machine is refused until the holder has been silent for _LEASE_S.
@@ -215,6 +214,11 @@ class Run:
             self._lock = None
 
     def _open(self) -> None:
+        import mlflow
+        from mlflow import MlflowClient
+        from mlflow.entities import RunTag
+        from mlflow.exceptions import MlflowException
+
         cfg = self.config
         self.tracking_uri = cfg.tracking_uri or mlflow.get_tracking_uri()
         probe(self.tracking_uri)  # a server that does not answer is said in seconds, naming the URI
@@ -295,6 +299,9 @@ class Run:
             self._fluent = True
 
     def _create(self, client: MlflowClient, parent: str | None, default_experiment: str | None) -> Any:
+        from mlflow.entities import Param
+        from mlflow.tracking.context.registry import resolve_tags
+
         cfg = self.config
         if cfg.experiment is None and default_experiment is not None:
             experiment_id = default_experiment
@@ -318,6 +325,8 @@ class Run:
 
     def _join(self, client: MlflowClient, run_id: str, experiment_id: str) -> Any:
         """Track inside the user's active run: log params and tags into it; its owner ends it."""
+        from mlflow.entities import RunTag
+
         cfg = self.config
         if cfg.resume is not None and cfg.resume != run_id:
             raise ConfigError(
@@ -348,6 +357,8 @@ class Run:
         return run
 
     def _reopen(self, client: MlflowClient, run_id: str) -> Any:
+        from mlflow.exceptions import MlflowException
+
         try:
             run = client.get_run(run_id)
         except MlflowException as e:
@@ -369,6 +380,8 @@ class Run:
 
     def _log_new_params(self, client: MlflowClient, run: Any, *, resumed: bool) -> None:
         """Log the params the run does not have yet; MLflow refuses to change a param's value."""
+        from mlflow.entities import Param, RunTag
+
         known = run.data.params
         params = self._params()
         new = {k: v for k, v in params.items() if k not in known}
@@ -754,6 +767,8 @@ class Run:
     ) -> None:
         if not self._leader:
             return None
+        from mlflow.entities import RunStatus
+
         if exc_type is None:
             status = RunStatus.to_string(RunStatus.FINISHED)
         elif issubclass(exc_type, KeyboardInterrupt):
@@ -895,6 +910,8 @@ class Run:
 
     def _alias_holder(self) -> str | None:
         """The version the alias points at now; it may belong to another run's better epoch."""
+        from mlflow.exceptions import MlflowException
+
         if self._client is None or not self.config.registered_model or not self.config.alias:
             return None
         try:
@@ -924,11 +941,11 @@ def _mark() -> str:
 
 def _ui_hint(tracking_uri: str, experiment_id: str, run_id: str) -> list[str]:
     """How to look at this run: the server's page, or the `mlflow ui` command for a database store."""
-    page = f"#/experiments/{experiment_id}/runs/{run_id}"
     if tracking_uri.startswith(("http://", "https://")):
-        return [f"{tracking_uri.rstrip('/')}/{page}"]
+        return [ui_page(tracking_uri, experiment_id, run_id)]
     if "://" in tracking_uri and not tracking_uri.startswith(("databricks", "file:")):
-        return [f"mlflow ui --backend-store-uri {tracking_uri}", f"then http://127.0.0.1:5000/{page}"]
+        return [f"{command('mlflow')} ui --backend-store-uri {tracking_uri}",
+                f"then {ui_page('http://127.0.0.1:5000', experiment_id, run_id)}"]
     return []
 
 
@@ -936,6 +953,8 @@ def _earlier_points(
     client: MlflowClient, run_id: str, cfg: TrackConfig, before: int
 ) -> tuple[list[EpochPoint], int | None]:
     """The monitored history of a resumed run (its plot covers every epoch), and its last logged epoch."""
+    from mlflow.exceptions import MlflowException
+
     try:
         history = sorted(client.get_metric_history(run_id, cfg.monitor), key=lambda m: (m.step, m.timestamp))
     except MlflowException:
@@ -981,6 +1000,8 @@ def _progress_line(in_flight: int, elapsed: float) -> None:
 
 
 def _ensure_experiment(client: MlflowClient, name: str | None) -> str:
+    from mlflow.exceptions import MlflowException
+
     if name is None:
         name = os.environ.get("MLFLOW_EXPERIMENT_NAME") or "Default"
     found = client.get_experiment_by_name(name)

@@ -51,8 +51,6 @@ class _Group(click.Group):
     """Turns our own errors and MLflow's into one line and a non-zero exit status."""
 
     def invoke(self, ctx: click.Context) -> Any:
-        from mlflow.exceptions import MlflowException
-
         from mlflow_best._reach import bounded_http
 
         try:
@@ -65,8 +63,13 @@ class _Group(click.Group):
             _fail(e.format_message())
         except MlflowBestError as e:
             _fail(str(e))
-        except MlflowException as e:
-            _fail(f"MLflow refused the call: {e.message}")
+        except Exception as e:
+            # Looked up, not imported: `--help` and usage errors must not pay for importing MLflow,
+            # and an error raised before MLflow was imported cannot be one of its own.
+            mlflow_errors = sys.modules.get("mlflow.exceptions")
+            if mlflow_errors is not None and isinstance(e, mlflow_errors.MlflowException):
+                _fail(f"MLflow refused the call: {e.message}")
+            raise
 
 
 def _printable(text: str) -> str:
@@ -145,61 +148,32 @@ def runs(experiment: str | None, tracking_uri: str | None) -> None:
 
     One row per run: status, monitored metric and its best value, the epoch it was reached, the
     registered version of that epoch, and the aliases pointing at that version. Runs are sorted
-    best first within each metric (lower first for mode min, higher first for mode max).
+    best first within each metric (lower first for mode min, higher first for mode max). In
+    Python, mlflow_best.runs() returns the same rows as a pandas DataFrame.
     """
-    import mlflow
-    from mlflow import MlflowClient
+    import pandas as pd
 
-    from mlflow_best._registry import TAG
+    import mlflow_best
 
     _use_store(tracking_uri, must_exist=True)
-    client = MlflowClient()
-    experiments = {e.experiment_id: e.name for e in client.search_experiments()}
-    if experiment is not None:
-        ids = [i for i, n in experiments.items() if n == experiment]
-        if not ids:
-            raise click.ClickException(
-                f"experiment {experiment!r} does not exist (there are: "
-                f"{', '.join(repr(n) for n in sorted(experiments.values()))}); pass one of these"
-            )
-    else:
-        ids = list(experiments)
-    found = mlflow.search_runs(ids, filter_string=f"tags.`{TAG}monitor` != ''", output_format="list")
-    if not found:
+    found = mlflow_best.runs(experiment, all_experiments=experiment is None)
+    if found.empty:
         _echo("no runs tracked by mlflow_best here; train one with `mlflow-best demo` or track()")
         return
-    aliases: dict[tuple[str, str], list[str]] = {}
-    key = TAG + "registered_model"
-    names = {str(r.data.tags[key]) for r in found if key in r.data.tags}
-    for name in names:
-        try:
-            for alias, version in client.get_registered_model(name).aliases.items():
-                aliases.setdefault((name, str(version)), []).append(alias)
-        except Exception:  # a deleted registered model: its runs are still worth listing
-            continue
     rows = []
-    for r in found:
-        tags = r.data.tags
-        value = _float(tags.get(TAG + "best_value"))
-        model, version = tags.get(TAG + "registered_model"), tags.get(TAG + "best_version")
+    for r in found.itertuples(index=False):
         row = {
-            "run_id": r.info.run_id,
-            "run_name": r.info.run_name or "",
-            "status": r.info.status,
-            "metric": f"{tags.get(TAG + 'monitor', '')} ({tags.get(TAG + 'mode', 'min')})",
-            "best": value,
-            "epoch": tags.get(TAG + "best_epoch", "-"),
-            "version": f"{model} v{version}" if model and version else "-",
-            "alias": ",".join(f"@{a}" for a in sorted(aliases.get((model or "", version or ""), []))) or "-",
+            "run_id": r.run_id,
+            "run_name": r.run_name,
+            "status": r.status,
+            "metric": f"{r.monitor} ({r.mode})",
+            "best": "-" if math.isnan(r.best_value) else f"{r.best_value:.4f}",
+            "epoch": "-" if pd.isna(r.best_epoch) else str(r.best_epoch),
+            "version": "-" if pd.isna(r.version) else f"{r.registered_model} v{r.version}",
+            "alias": ",".join(f"@{a}" for a in r.aliases) or "-",
         }
-        if experiment is None:
-            row = {"experiment": experiments.get(r.info.experiment_id, r.info.experiment_id), **row}
-        rows.append((tags.get(TAG + "mode", "min"), row))
-    rows.sort(key=lambda mr: (mr[1]["metric"], math.isnan(mr[1]["best"]),
-                              mr[1]["best"] if mr[0] == "min" else -mr[1]["best"]))
-    for _, row in rows:
-        row["best"] = "-" if math.isnan(row["best"]) else f"{row['best']:.4f}"
-    _echo(_table([row for _, row in rows], right={"best", "epoch"}))
+        rows.append({"experiment": r.experiment, **row} if experiment is None else row)
+    _echo(_table(rows, right={"best", "epoch"}))
 
 
 def _table(rows: list[dict[str, Any]], right: set[str]) -> str:
@@ -250,11 +224,11 @@ def restore(
     Only the weights are downloaded and read (as mlflow_best.load_model): the optimizer and
     training state are left alone, so this works where they cannot be rebuilt.
     """
-    from mlflow_best._pyfunc import load_for_inference
-
     writer = _out_writer(out) if out else None
     _use_store(tracking_uri, must_exist=not Path(ref).is_dir())
     import importlib
+
+    from mlflow_best._pyfunc import load_for_inference
 
     for module in imports:
         try:
@@ -358,9 +332,3 @@ def sync(run_id: str, staging_dir: str | None, tracking_uri: str | None) -> None
     done = f"nothing to send: MLflow has all of run {run_id}"
     _echo(f"sent {n} item(s) of run {run_id}" if n else done)
 
-
-def _float(raw: str | None) -> float:
-    try:
-        return float(raw) if raw is not None else math.nan
-    except ValueError:
-        return math.nan

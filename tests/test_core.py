@@ -580,8 +580,8 @@ def test_public_api_is_pinned() -> None:
     assert sorted(mlflow_best.__all__) == sorted([
         "ArchitectureMismatchError", "Best", "CheckpointError", "CheckpointNotFoundError", "ConfigError",
         "MetricError", "MlflowBestError", "Promotion", "Restored", "Run", "TrackingStoreError",
-        "UnsafeCheckpointError", "UnsentError", "__version__", "load_model", "promote", "restore", "sync",
-        "track",
+        "UnsafeCheckpointError", "UnsentError", "__version__", "load_model", "promote", "restore", "runs",
+        "sync", "track",
     ])
     for name in mlflow_best.__all__:
         assert hasattr(mlflow_best, name)

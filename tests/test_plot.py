@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import shutil
+import sys
 from pathlib import Path
 
 import matplotlib.image
@@ -72,8 +74,10 @@ def test_the_plot_is_journaled_so_sync_can_still_send_it(sqlite_uri: str, tmp_pa
 
 
 def test_verbose_prints_a_line_per_epoch_and_a_summary_that_says_where_to_look(
-    sqlite_uri: str, capsys: pytest.CaptureFixture[str]
+    sqlite_uri: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    # as in an activated venv: `mlflow` on PATH is this environment's (tests/test_ui_link.py: when not)
+    monkeypatch.setenv("PATH", f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
     run = _track([1.0, 0.5, 0.7, 2e-5], verbose=True, registered_model="plotted", alias="best")
     lines = capsys.readouterr().out.splitlines()
     epochs, summary = lines[:4], lines[4:]
@@ -91,7 +95,8 @@ def test_verbose_prints_a_line_per_epoch_and_a_summary_that_says_where_to_look(
         "  registered    plotted v3  (models:/plotted/3); @best -> v3",
         "  plot          plots/val_loss.png in the run's artifacts",
         f"  open the UI   mlflow ui --backend-store-uri {sqlite_uri}",
-        f"                then http://127.0.0.1:5000/#/experiments/{run.experiment_id}/runs/{run.run_id}",
+        f"                then http://127.0.0.1:5000/#/experiments/{run.experiment_id}/runs/{run.run_id}"
+        "?workflowType=machine_learning",
     ]
 
 
