@@ -24,8 +24,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 from mlflow_best._errors import CheckpointError
+from mlflow_best._lease import LEASE_TAG
 from mlflow_best._staging import (
-    LEASE_TAG,
     CheckpointOp,
     EndOp,
     Journal,

@@ -38,8 +38,6 @@ SENT = "sent.jsonl"
 RUN_FILE = "run.json"
 LOCK_FILE = "lock"
 CHECKPOINTS = "checkpoints"
-# The run tag that leases a live run to one process (see _tracker): written with the journal's items.
-LEASE_TAG = "mlflow_best.lease"
 _LEFTOVER_PREFIXES = (".tmp-", ".del-")
 
 
@@ -338,10 +336,6 @@ class StagingLock:
     def __init__(self, staging: Path) -> None:
         self.staging = staging
         self._fd: int | None = None
-
-    @staticmethod
-    def me() -> str:
-        return f"{socket.gethostname()}:{os.getpid()}"
 
     def holder(self) -> str:
         try:

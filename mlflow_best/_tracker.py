@@ -3,12 +3,9 @@
 from __future__ import annotations
 
 import contextlib
-import json
-import math
 import numbers
 import operator
 import os
-import socket
 import sys
 import tempfile
 import time
@@ -22,8 +19,10 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from mlflow_best import _console as console
 from mlflow_best import _distributed as dist
 from mlflow_best import _errors
+from mlflow_best import _lease as lease
 from mlflow_best import _lifecycle as lifecycle
 from mlflow_best._config import TrackConfig, check_key
 from mlflow_best._errors import (
@@ -34,6 +33,7 @@ from mlflow_best._errors import (
     TrackingStoreError,
     UnsentError,
 )
+from mlflow_best._lease import LEASE_TAG
 from mlflow_best._plot import EpochPoint, plot_filename, render_metric_plot
 from mlflow_best._pyfunc import ModelFiles
 from mlflow_best._reach import bounded_http, probe
@@ -47,9 +47,7 @@ from mlflow_best._recipe import (
 )
 from mlflow_best._registry import TAG, Publisher, checkpoint_name, ensure_registered_model, is_missing
 from mlflow_best._replay import sync_staging
-from mlflow_best._shell import command, ui_page
 from mlflow_best._staging import (
-    LEASE_TAG,
     ArtifactOp,
     CheckpointOp,
     EndOp,
@@ -69,10 +67,6 @@ from mlflow_best._writer import Pipeline
 if TYPE_CHECKING:
     from mlflow import MlflowClient
 
-# A live run is leased: a tag that the upload thread renews, so a second resume= of the same run on
-# another machine is refused until the holder has been silent for _LEASE_S.
-_LEASE_S = 120.0
-_HEARTBEAT_S = 30.0
 
 
 @dataclass
@@ -274,8 +268,8 @@ class Run:
             publisher,
             extra_files=self._model_files,
             replay_first=leftovers,
-            heartbeat=lambda: client.log_batch(self.run_id, tags=[RunTag(LEASE_TAG, _lease())]),
-            heartbeat_every=_HEARTBEAT_S,
+            heartbeat=lambda: client.log_batch(self.run_id, tags=[RunTag(LEASE_TAG, lease.value())]),
+            heartbeat_every=lease.HEARTBEAT_S,
         )
         if cfg.resume is not None:
             try:
@@ -283,7 +277,7 @@ class Run:
             except BaseException:
                 # A checkpoint that does not fit (or cannot be read) must not leave the run
                 # RUNNING with idle threads: put its status back and stop the pipeline.
-                self._pipeline.submit(TagsOp(journal.next_seq(), {LEASE_TAG: _lease(released=True)}))
+                self._pipeline.submit(TagsOp(journal.next_seq(), {LEASE_TAG: lease.value(released=True)}))
                 if self._owns_run:
                     self._pipeline.submit(EndOp(journal.next_seq(), self._status_before_resume))
                 self._pipeline.close(offline_timeout=5.0)
@@ -313,7 +307,7 @@ class Run:
         _check_writable(self._staging_root())
         tags = {str(k): str(v)[:8000] for k, v in (cfg.tags or {}).items()}
         tags.update(self._own_tags())
-        tags[LEASE_TAG] = _lease()
+        tags[LEASE_TAG] = lease.value()
         if parent is not None:
             tags["mlflow.parentRunId"] = parent  # a track block inside another: a child run
         # MLflow's own context tags (user, source file, git commit), as mlflow.start_run would set them.
@@ -346,13 +340,13 @@ class Run:
             ensure_registered_model(client, cfg.registered_model)
         _check_writable(self._staging_root())
         run = client.get_run(run_id)
-        self._check_lease(run)
+        lease.check(run)
         self._take_lock(run_id)
         self._owns_run = False
         self._log_new_params(client, run, resumed=False)
         tags = {str(k): str(v)[:8000] for k, v in (cfg.tags or {}).items()}
         tags.update(self._own_tags())
-        tags[LEASE_TAG] = _lease()
+        tags[LEASE_TAG] = lease.value()
         client.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()])
         return run
 
@@ -368,7 +362,7 @@ class Run:
                 f"resume={run_id!r} is not a run in the tracking store at {self.tracking_uri!r}; pass the "
                 "run_id of an earlier run (printed as run.run_id), or resume=None to start a new run"
             ) from e
-        self._check_lease(run)
+        lease.check(run)
         self._take_lock(run_id)
         if self.config.registered_model:
             ensure_registered_model(client, self.config.registered_model)
@@ -403,7 +397,7 @@ class Run:
         client.log_batch(
             run.info.run_id,
             params=[Param(k, v) for k, v in new.items()],
-            tags=[RunTag(k, v) for k, v in {**self._own_tags(), LEASE_TAG: _lease()}.items()]
+            tags=[RunTag(k, v) for k, v in {**self._own_tags(), LEASE_TAG: lease.value()}.items()]
             if resumed
             else [],
         )
@@ -418,27 +412,6 @@ class Run:
             "a new run (resume=None)",
         )
         self._lock = lock
-
-    def _check_lease(self, run: Any) -> None:
-        """Refuse a run that another live process (on any machine) tracks, unless its lease expired."""
-        raw = run.data.tags.get(LEASE_TAG)
-        if not raw or run.info.status != "RUNNING":
-            return
-        try:
-            lease = json.loads(raw)
-            holder, until = str(lease["holder"]), float(lease["until_ms"])
-        except (ValueError, KeyError, TypeError):
-            return
-        now = time.time() * 1000
-        if holder == StagingLock.me() or until <= now or not _alive(holder):
-            return
-        raise ConfigError(
-            f"resume={run.info.run_id!r}: the run is still being tracked by {holder} (its lease, renewed "
-            f"every {_HEARTBEAT_S:.0f} s, runs until "
-            f"{time.strftime('%H:%M:%S UTC', time.gmtime(until / 1000))}, {(until - now) / 1000:.0f} s from "
-            "now). A second copy of the same job would log every epoch twice: stop the first one (its lease "
-            "then ends at once, or expires if it was killed), or start a new run (resume=None)"
-        )
 
     def _own_tags(self) -> dict[str, str]:
         cfg = self.config
@@ -744,17 +717,17 @@ class Run:
         took, self._t_epoch = now - self._t_epoch, now
         if not self._verbose():
             return
-        monitor = self.config.monitor
-        shown = "  ".join(f"{k}={_fmt(v)}" for k, v in values.items() if k != f"best_{monitor}")
-        if improved:
-            was = "first" if previous.value is None else f"was {_fmt(previous.value)}, epoch {previous.epoch}"
-            status = f"{_mark()} new best {monitor} ({was}), checkpoint taken"
-        elif self.best.value is not None:
-            status = f"best {monitor}={_fmt(self.best.value)} at epoch {self.best.epoch}"
-            status += ", last state saved" if last_saved else ""
-        else:
-            status = f"no finite {monitor} yet"
-        print(f"epoch {epoch:3d}  {shown}  | {status}  [{took:.2f} s]", flush=True)
+        line = console.epoch_line(
+            epoch,
+            values,
+            self.config.monitor,
+            previous=(previous.epoch, previous.value),
+            best=(self.best.epoch, self.best.value),
+            improved=improved,
+            last_saved=last_saved,
+            took=took,
+        )
+        print(line, flush=True)
 
     def _verbose(self) -> bool:
         if self.config.verbose is not None:
@@ -812,14 +785,14 @@ class Run:
                 self._submit_plot(pipeline)
             except Exception as e:
                 problems.append(f"the plot could not be drawn ({e!r})")
-            tags = {**self._summary_tags(), LEASE_TAG: _lease(released=True)}
+            tags = {**self._summary_tags(), LEASE_TAG: lease.value(released=True)}
             pipeline.submit(TagsOp(pipeline.journal.next_seq(), tags))
         finally:
             # Whatever happened above, the run is ended: never left RUNNING.
             if self._owns_run:
                 pipeline.submit(EndOp(pipeline.journal.next_seq(), status))
             self._closed = True
-            pending = pipeline.close(self.config.offline_timeout, progress=_progress_line)
+            pending = pipeline.close(self.config.offline_timeout, progress=console.progress_line)
             if self._fluent:
                 lifecycle.pop(self.run_id)
             if pipeline.died is not None and any(isinstance(op, EndOp) for op in pending):
@@ -880,33 +853,24 @@ class Run:
 
     def _print_summary(self, status: str, pending: list[Any], rejected: list[Any]) -> None:
         cfg, b = self.config, self.best
-        elapsed = time.monotonic() - self._t_enter
-        lines = [f"mlflow_best: run {self.run_id} {status}, {len(self.history)} epoch(s) in {elapsed:.1f} s"]
-        if b.epoch is None or b.value is None:
-            lines.append(f"  best          no finite {cfg.monitor} was logged, so nothing was checkpointed")
-        else:
-            lines.append(f"  best          {cfg.monitor}={_fmt(b.value)} at epoch {b.epoch} "
-                         f"({len(self.improvements)} improvement(s), each checkpointed)")
-        if cfg.registered_model and b.version:
-            name = cfg.registered_model
-            line = f"  registered    {name} v{b.version}  (models:/{name}/{b.version})"
-            holder = self._alias_holder() if cfg.alias and not pending else None
-            if holder is not None:
-                line += f"; @{cfg.alias} -> v{holder}" + (
-                    "" if holder == b.version else " (a better version from another run)"
-                )
-            lines.append(line)
-        if self.history and not pending:
-            lines.append(f"  plot          plots/{plot_filename(cfg.monitor)} in the run's artifacts")
-        ui = _ui_hint(self.tracking_uri, self.experiment_id, self.run_id)
-        if ui:
-            lines.append(f"  open the UI   {ui[0]}")
-            lines.extend(f"                {more}" for more in ui[1:])
-        if pending:
-            lines.append(f"  not sent      {len(pending)} item(s); see the error below")
-        if rejected:
-            lines.append(f"  refused       {len(rejected)} item(s) by MLflow; see the error below")
-        print("\n".join(lines), flush=True)
+        registered = (cfg.registered_model, b.version) if cfg.registered_model and b.version else None
+        holder = self._alias_holder() if registered and cfg.alias and not pending else None
+        text = console.summary(
+            run_id=self.run_id,
+            status=status,
+            epochs=len(self.history),
+            elapsed=time.monotonic() - self._t_enter,
+            monitor=cfg.monitor,
+            best=(b.epoch, b.value),
+            improvements=len(self.improvements),
+            registered=registered,
+            alias=(cfg.alias, holder) if cfg.alias and holder is not None else None,
+            plot=f"plots/{plot_filename(cfg.monitor)}" if self.history and not pending else None,
+            ui=console.ui_hint(self.tracking_uri, self.experiment_id, self.run_id),
+            pending=len(pending),
+            rejected=len(rejected),
+        )
+        print(text, flush=True)
 
     def _alias_holder(self) -> str | None:
         """The version the alias points at now; it may belong to another run's better epoch."""
@@ -919,34 +883,6 @@ class Run:
         except MlflowException:
             return None
         return str(mv.version)
-
-
-def _fmt(value: float | None) -> str:
-    """4 decimals for the usual range; scientific where 4 decimals would print 0.0000 or a wall of digits."""
-    if value is None:
-        return "-"
-    if value != 0 and math.isfinite(value) and not 1e-3 <= abs(value) < 1e6:
-        return f"{value:.3e}"
-    return f"{value:.4f}"
-
-
-def _mark() -> str:
-    # A terminal or log file that cannot encode the check mark would raise in print().
-    try:
-        "✓".encode(sys.stdout.encoding or "ascii")
-    except (UnicodeEncodeError, LookupError):
-        return "*"
-    return "✓"
-
-
-def _ui_hint(tracking_uri: str, experiment_id: str, run_id: str) -> list[str]:
-    """How to look at this run: the server's page, or the `mlflow ui` command for a database store."""
-    if tracking_uri.startswith(("http://", "https://")):
-        return [ui_page(tracking_uri, experiment_id, run_id)]
-    if "://" in tracking_uri and not tracking_uri.startswith(("databricks", "file:")):
-        return [f"{command('mlflow')} ui --backend-store-uri {tracking_uri}",
-                f"then {ui_page('http://127.0.0.1:5000', experiment_id, run_id)}"]
-    return []
 
 
 def _earlier_points(
@@ -988,14 +924,6 @@ def _warn_relogged(run_id: str, start_epoch: int, logged_until: int | None, save
         f"To avoid it, {fix}",
         RuntimeWarning,
         stacklevel=5,
-    )
-
-
-def _progress_line(in_flight: int, elapsed: float) -> None:
-    print(
-        f"mlflow_best: finishing {in_flight} upload(s) to MLflow… {elapsed:.0f} s",
-        file=sys.stderr,
-        flush=True,
     )
 
 
@@ -1073,23 +1001,3 @@ def _write_run_file(
             "keep": cfg.keep,
         },
     )
-
-
-def _alive(holder: str) -> bool:
-    """False when ``holder`` ("host:pid") is a process of this machine that no longer exists."""
-    host, _, pid = holder.rpartition(":")
-    if host != socket.gethostname() or not pid.isdigit():
-        return True  # another machine: only its lease's expiry tells
-    try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return False
-    except OSError:
-        return True
-    return True
-
-
-def _lease(released: bool = False) -> str:
-    """The lease tag's value: who tracks the run, and until when (0 once the block has ended)."""
-    until = 0 if released else int((time.time() + _LEASE_S) * 1000)
-    return json.dumps({"holder": StagingLock.me(), "until_ms": until})
