@@ -45,7 +45,7 @@ from mlflow_best._recipe import (
     load_optimizer_state,
     model_recipe,
 )
-from mlflow_best._registry import TAG, Publisher, checkpoint_name, ensure_registered_model, is_missing
+from mlflow_best._registry import TAG, Publisher, checkpoint_name
 from mlflow_best._replay import sync_staging
 from mlflow_best._staging import (
     ArtifactOp,
@@ -211,7 +211,6 @@ class Run:
         import mlflow
         from mlflow import MlflowClient
         from mlflow.entities import RunTag
-        from mlflow.exceptions import MlflowException
 
         cfg = self.config
         self.tracking_uri = cfg.tracking_uri or mlflow.get_tracking_uri()
@@ -219,25 +218,11 @@ class Run:
         client = MlflowClient(tracking_uri=self.tracking_uri)
         self._client = client
         same_store = cfg.tracking_uri is None or cfg.tracking_uri == mlflow.get_tracking_uri()
-        active = lifecycle.active_run() if same_store else None
-        try:
-            if active is not None and not active[2]:
-                # Inside the user's own `with mlflow.start_run():` everything goes into that run,
-                # and ending it is left to its owner (as autolog and the HF callback do).
-                run = self._join(client, active[0], active[1])
-            elif cfg.resume is not None:
-                run = self._reopen(client, cfg.resume)
-            else:
-                parent = active[0] if active is not None else None
-                default_exp = (active[1] if active is not None else lifecycle.active_experiment_id()) if (
-                    same_store
-                ) else None
-                run = self._create(client, parent, default_exp)
-        except MlflowException as e:
-            raise TrackingStoreError(
-                f"the tracking store at {self.tracking_uri!r} refused or did not answer ({e.message}); "
-                "check MLFLOW_TRACKING_URI / tracking_uri= and that the server is running"
-            ) from e
+        spec = lifecycle.RunSpec(cfg, self.tracking_uri, self._params(), self._own_tags(), same_store)
+        # Checked before a run is created or changed, so a bad staging dir leaves nothing behind.
+        opened = lifecycle.open_run(client, spec, before=lambda: _check_writable(self._staging_root()),
+                                    claim=self._claim)
+        run, self._owns_run, self._status_before_resume = opened
         self.run_id = run.info.run_id
         self.experiment_id = run.info.experiment_id
         self.staging_dir = self._staging_for(self.run_id)
@@ -292,115 +277,10 @@ class Run:
             lifecycle.push(run)
             self._fluent = True
 
-    def _create(self, client: MlflowClient, parent: str | None, default_experiment: str | None) -> Any:
-        from mlflow.entities import Param
-        from mlflow.tracking.context.registry import resolve_tags
-
-        cfg = self.config
-        if cfg.experiment is None and default_experiment is not None:
-            experiment_id = default_experiment
-        else:
-            experiment_id = _ensure_experiment(client, cfg.experiment)
-        if cfg.registered_model:
-            ensure_registered_model(client, cfg.registered_model)
-        # Checked before the run exists, so a bad staging dir leaves no empty run behind.
-        _check_writable(self._staging_root())
-        tags = {str(k): str(v)[:8000] for k, v in (cfg.tags or {}).items()}
-        tags.update(self._own_tags())
-        tags[LEASE_TAG] = lease.value()
-        if parent is not None:
-            tags["mlflow.parentRunId"] = parent  # a track block inside another: a child run
-        # MLflow's own context tags (user, source file, git commit), as mlflow.start_run would set them.
-        tags = resolve_tags(tags)
-        run = client.create_run(experiment_id, run_name=cfg.run_name, tags=tags)
-        params = self._params()
-        client.log_batch(run.info.run_id, params=[Param(k, v) for k, v in params.items()])
-        return run
-
-    def _join(self, client: MlflowClient, run_id: str, experiment_id: str) -> Any:
-        """Track inside the user's active run: log params and tags into it; its owner ends it."""
-        from mlflow.entities import RunTag
-
-        cfg = self.config
-        if cfg.resume is not None and cfg.resume != run_id:
-            raise ConfigError(
-                f"resume={cfg.resume!r} names another run than the active MLflow run {run_id} (started with "
-                "mlflow.start_run()); track logs into the active run. Resume outside that `with` block, or "
-                f"start it as mlflow.start_run(run_id={cfg.resume!r})"
-            )
-        if cfg.experiment is not None:
-            found = client.get_experiment_by_name(cfg.experiment)
-            if found is None or str(found.experiment_id) != str(experiment_id):
-                raise ConfigError(
-                    f"experiment={cfg.experiment!r}, but the active MLflow run {run_id} belongs to "
-                    f"experiment id {experiment_id}; pass experiment=None to log into the active run, or "
-                    "call track outside the `with mlflow.start_run():` block"
-                )
-        if cfg.registered_model:
-            ensure_registered_model(client, cfg.registered_model)
-        _check_writable(self._staging_root())
-        run = client.get_run(run_id)
+    def _claim(self, run: Any) -> None:
+        """Before anything is written into an existing run: one live process per run, here and elsewhere."""
         lease.check(run)
-        self._take_lock(run_id)
-        self._owns_run = False
-        self._log_new_params(client, run, resumed=False)
-        tags = {str(k): str(v)[:8000] for k, v in (cfg.tags or {}).items()}
-        tags.update(self._own_tags())
-        tags[LEASE_TAG] = lease.value()
-        client.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()])
-        return run
-
-    def _reopen(self, client: MlflowClient, run_id: str) -> Any:
-        from mlflow.exceptions import MlflowException
-
-        try:
-            run = client.get_run(run_id)
-        except MlflowException as e:
-            if not is_missing(e) and e.error_code != "INVALID_PARAMETER_VALUE":
-                raise
-            raise ConfigError(
-                f"resume={run_id!r} is not a run in the tracking store at {self.tracking_uri!r}; pass the "
-                "run_id of an earlier run (printed as run.run_id), or resume=None to start a new run"
-            ) from e
-        lease.check(run)
-        self._take_lock(run_id)
-        if self.config.registered_model:
-            ensure_registered_model(client, self.config.registered_model)
-        _check_writable(self._staging_root())
-        self._log_new_params(client, run, resumed=True)
-        self._status_before_resume = run.info.status
-        client.update_run(run_id, status="RUNNING")
-        return run
-
-    def _log_new_params(self, client: MlflowClient, run: Any, *, resumed: bool) -> None:
-        """Log the params the run does not have yet; MLflow refuses to change a param's value."""
-        from mlflow.entities import Param, RunTag
-
-        known = run.data.params
-        params = self._params()
-        new = {k: v for k, v in params.items() if k not in known}
-        # A param that holds the resume= value itself changes on every resume by design: not a warning.
-        changed = sorted(
-            k for k, v in params.items()
-            if k in known and known[k] != v and not (self.config.resume and v == self.config.resume)
-        )
-        if changed:
-            shown = ", ".join(f"{k}: {known[k][:40]!r} -> {params[k][:40]!r}" for k in changed[:10])
-            doing = "resuming" if resumed else "joining"
-            warnings.warn(
-                f"mlflow_best: {doing} run {run.info.run_id} with different values for params ({shown}); "
-                "MLflow keeps a param's first value, so the run shows the old ones. If they change the "
-                "training, start a new run instead; otherwise log them as tags",
-                RuntimeWarning,
-                stacklevel=5,
-            )
-        client.log_batch(
-            run.info.run_id,
-            params=[Param(k, v) for k, v in new.items()],
-            tags=[RunTag(k, v) for k, v in {**self._own_tags(), LEASE_TAG: lease.value()}.items()]
-            if resumed
-            else [],
-        )
+        self._take_lock(run.info.run_id)
 
     def _take_lock(self, run_id: str) -> None:
         """One process writes a run at a time: a second resume of a live run is refused here."""
@@ -925,29 +805,6 @@ def _warn_relogged(run_id: str, start_epoch: int, logged_until: int | None, save
         RuntimeWarning,
         stacklevel=5,
     )
-
-
-def _ensure_experiment(client: MlflowClient, name: str | None) -> str:
-    from mlflow.exceptions import MlflowException
-
-    if name is None:
-        name = os.environ.get("MLFLOW_EXPERIMENT_NAME") or "Default"
-    found = client.get_experiment_by_name(name)
-    if found is not None:
-        if found.lifecycle_stage == "deleted":
-            raise ConfigError(
-                f"experiment={name!r} is deleted in the tracking store; restore it in the MLflow UI or "
-                "pass another experiment name"
-            )
-        return str(found.experiment_id)
-    try:
-        return str(client.create_experiment(name))
-    except MlflowException as e:
-        if e.error_code != "RESOURCE_ALREADY_EXISTS":
-            raise
-        again = client.get_experiment_by_name(name)
-        assert again is not None
-        return str(again.experiment_id)
 
 
 def _check_writable(root: Path) -> None:
