@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from mlflow_best import _training as train_state
 from mlflow_best._cache import WEIGHTS, Seal, enforce_limit, max_bytes, partial_dir, sweep, touch
 from mlflow_best._checkpoint import (
     MANIFEST,
@@ -42,7 +43,6 @@ from mlflow_best._promote import _ranges
 from mlflow_best._reach import QUIET_DOWNLOADS, bounded_http, probe, scoped_env, shown_uri
 from mlflow_best._recipe import (
     load_model_state,
-    load_optimizer_state,
     plan_model,
     rebuild_optimizer,
 )
@@ -62,7 +62,7 @@ from mlflow_best._registry import (
     known_models,
 )
 from mlflow_best._signing import SIGNATURE_FILE
-from mlflow_best._state import apply_rng, unwrap_model
+from mlflow_best._state import unwrap_model
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -227,34 +227,30 @@ def _restore(
         _evict(folder, cache)
         folder = fetch(client, source, cache)
         loaded = _load_checkpoint(folder, source, target, model, model_factory, trust_code, cached=True)
-    manifest, net, inner, training = loaded
+    manifest, net, inner, state = loaded
     opt = optimizer
-    saved_opt = training.get("optimizer")
+    saved_opt = train_state.saved_optimizer(state)
     if opt is None and saved_opt is not None and manifest.data.get("optimizer"):
         opt = rebuild_optimizer(manifest.data["optimizer"], inner, saved_opt)
+    train_state.apply(
+        state, optimizer=optimizer, scheduler=scheduler, scaler=scaler, generators=generators or {},
+        source=str(folder / TRAINING_FILE), rng=restore_rng,
+    )
+    if opt is not None and saved_opt is not None:
         _move_optimizer_state(opt, target)
-    elif opt is not None and saved_opt is not None:
-        load_optimizer_state(opt, saved_opt, source=str(folder / TRAINING_FILE))
-        _move_optimizer_state(opt, target)
-    if scheduler is not None and training.get("scheduler") is not None:
-        scheduler.load_state_dict(training["scheduler"])
-    if scaler is not None and training.get("scaler") is not None:
-        scaler.load_state_dict(training["scaler"])
-    if restore_rng and training.get("rng") is not None:
-        apply_rng(training["rng"], generators)
     return Restored(
         model=net,
         optimizer=opt,
         scheduler=scheduler,
         scaler=scaler,
-        epoch=int(training.get("epoch", manifest.epoch)),
+        epoch=train_state.epoch_of(state, default=manifest.epoch),
         metrics={str(k): float(v) for k, v in manifest.data["metrics"].items()},
         run_id=source.run_id or manifest.data.get("run_id"),
         version=source.version,
         model_id=source.model_id,
         path=folder,
         manifest=manifest.data,
-        training_state=dict(training),
+        training_state=dict(state),
     )
 
 

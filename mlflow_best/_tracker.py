@@ -24,6 +24,7 @@ from mlflow_best import _distributed as dist
 from mlflow_best import _errors
 from mlflow_best import _lease as lease
 from mlflow_best import _lifecycle as lifecycle
+from mlflow_best import _training as training
 from mlflow_best._config import TrackConfig, check_key
 from mlflow_best._errors import (
     CheckpointError,
@@ -42,7 +43,6 @@ from mlflow_best._recipe import (
     check_model_recipe,
     class_path,
     load_model_state,
-    load_optimizer_state,
     model_recipe,
 )
 from mlflow_best._registry import TAG, Publisher, checkpoint_name
@@ -357,23 +357,17 @@ class Run:
         model_state, training_state = found
         self._apply(model_state, training_state, rank=0)
         self._resume_state = (model_state, training_state) if dist.active() else None
-        self.start_epoch = int(training_state["epoch"]) + 1
-        self._last_epoch = int(training_state["epoch"])
+        self.start_epoch = training.epoch_of(training_state) + 1
+        self._last_epoch = training.epoch_of(training_state)
         self._last_saved_epoch = self._last_epoch
 
     def _apply(self, model_state: Any, training_state: Any, rank: int) -> None:
-        from mlflow_best._state import apply_rng
-
-        load_model_state(unwrap_model(self.model), model_state, source="the resumed checkpoint")
-        if self.optimizer is not None and training_state.get("optimizer") is not None:
-            load_optimizer_state(self.optimizer, training_state["optimizer"], source="the resumed checkpoint")
-        if self.scheduler is not None and training_state.get("scheduler") is not None:
-            self.scheduler.load_state_dict(training_state["scheduler"])
-        if self.scaler is not None and training_state.get("scaler") is not None:
-            self.scaler.load_state_dict(training_state["scaler"])
-        rngs = training_state.get("rng_per_rank") or [training_state.get("rng")]
-        if rngs and rngs[min(rank, len(rngs) - 1)] is not None:
-            apply_rng(rngs[min(rank, len(rngs) - 1)], self.generators)
+        source = "the resumed checkpoint"
+        load_model_state(unwrap_model(self.model), model_state, source=source)
+        training.apply(
+            training_state, optimizer=self.optimizer, scheduler=self.scheduler, scaler=self.scaler,
+            generators=self.generators, source=source, rank=rank,
+        )
 
     # -- per epoch -------------------------------------------------------------------------------
     def log_epoch(self, epoch: int, metrics: Mapping[str, Any]) -> bool:
@@ -520,18 +514,12 @@ class Run:
         # while the next one is written, and a shared folder would be replaced under it.
         name = checkpoint_name(epoch, cfg.monitor, value) if kind == "best" else f"last-epoch={epoch:04d}"
         folder = self.staging_dir / "checkpoints" / name
-        training: dict[str, Any] = {
-            "epoch": epoch,
-            "metrics": dict(values),
-            "optimizer": self.optimizer.state_dict() if self.optimizer is not None else None,
-            "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
-            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
-            "rng": rngs[0] if rngs else capture_rng(self.generators),
-        }
-        if rngs:
-            training["rng_per_rank"] = rngs
         try:
-            snapshot = self._pool.take(unwrap_model(self.model).state_dict(), training)
+            state = training.capture(
+                epoch, values, optimizer=self.optimizer, scheduler=self.scheduler, scaler=self.scaler,
+                generators=self.generators, rngs=rngs,
+            )
+            snapshot = self._pool.take(unwrap_model(self.model).state_dict(), state)
         except Exception as e:
             raise CheckpointError(
                 f"could not copy the training state of epoch {epoch} for its checkpoint ({type(e).__name__}: "

@@ -76,6 +76,7 @@ import transformers
 from mlflow import MlflowClient
 from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
+from mlflow_best import _training as train_state
 from mlflow_best._adapter import Session, check_arguments
 from mlflow_best._errors import ConfigError
 from mlflow_best._recipe import load_model_state
@@ -216,14 +217,14 @@ class TrackCallback(TrainerCallback):
         lock = StagingLock(staging)
         lock.acquire(f"run {run_id} is still being tracked", "Stop the first copy of this job first")
         try:
-            sync_staging(client, staging, quiet=True)
+            sync_staging(client, staging, quiet=True, resuming=True)
         finally:
             lock.release()
         found = latest_checkpoint(client, run_id)
         if found is None:
             return None
         model_state, training_state = found
-        epochs_done = int(training_state["epoch"]) + 1
+        epochs_done = train_state.epoch_of(training_state) + 1
         steps = trainer.set_initial_training_values(args, trainer.get_train_dataloader())
         num_update_steps_per_epoch, max_steps = steps[1], steps[6]
         global_step = epochs_done * num_update_steps_per_epoch
