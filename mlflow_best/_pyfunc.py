@@ -47,17 +47,12 @@ from mlflow_best._checkpoint import (
     verify_checkpoint,
 )
 from mlflow_best._config import home
+from mlflow_best._download import _evict, download_into_cache
 from mlflow_best._errors import CheckpointError, ConfigError
 from mlflow_best._reach import reach
 from mlflow_best._recipe import plan_model
-from mlflow_best._restore import (
-    _device,
-    _evict,
-    _resolve,
-    _Source,
-    check_identity,
-    download_into_cache,
-)
+from mlflow_best._resolve import Source, check_identity, resolve
+from mlflow_best._restore import _device
 from mlflow_best._version import __version__
 
 if TYPE_CHECKING:
@@ -329,7 +324,7 @@ def prediction_device(model_config: Mapping[str, Any] | None = None) -> torch.de
 def load_weights(
     folder: Path,
     device: torch.device,
-    source: _Source | None = None,
+    source: Source | None = None,
     *,
     serving: bool = False,
     trust_code: bool = False,
@@ -485,7 +480,7 @@ def load_for_inference(
 def _load_remote(
     client: MlflowClient, ref: str, target: torch.device, cache: Path, trust_code: bool
 ) -> Loaded:
-    source = _resolve(client, ref)
+    source = resolve(client, ref)
     folder = _fetch_weights(client, source, cache)
     try:
         manifest, model = load_weights(
@@ -506,7 +501,7 @@ def _in_cache(folder: Path, cache: Path) -> bool:
     return folder.parent in (cache, cache / "weights")
 
 
-def _fetch_weights(client: MlflowClient, source: _Source, cache: Path) -> Path:
+def _fetch_weights(client: MlflowClient, source: Source, cache: Path) -> Path:
     """A local copy of the manifest and weights of ``source``: from the cache, else downloaded.
 
     A full copy that ``restore`` cached serves too; otherwise the two files go to ``cache/weights``.

@@ -3,11 +3,8 @@
 from __future__ import annotations
 
 import contextlib
-import math
 import os
 import re
-import shutil
-import uuid
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -17,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from mlflow_best import _training as train_state
-from mlflow_best._cache import WEIGHTS, Seal, enforce_limit, max_bytes, partial_dir, sweep, touch
+from mlflow_best._cache import Seal
 from mlflow_best._checkpoint import (
     MANIFEST,
     MODEL_FILE,
@@ -26,21 +23,15 @@ from mlflow_best._checkpoint import (
     TorchFile,
     load_verified,
     open_checkpoint,
-    read_manifest,
-    verify_checkpoint,
 )
 from mlflow_best._config import home
-from mlflow_best._criterion import Criterion
+from mlflow_best._download import _evict, fetch
 from mlflow_best._errors import (
     CheckpointError,
-    CheckpointNotFoundError,
-    CheckpointPrunedError,
     ConfigError,
-    TrackingStoreError,
     UnsafeCheckpointError,
 )
-from mlflow_best._promote import _ranges
-from mlflow_best._reach import QUIET_DOWNLOADS, bounded_http, probe, scoped_env, shown_uri
+from mlflow_best._reach import bounded_http, probe
 from mlflow_best._recipe import (
     load_model_state,
     plan_model,
@@ -48,20 +39,8 @@ from mlflow_best._recipe import (
 )
 from mlflow_best._registry import (
     TAG,
-    V_EPOCH,
-    V_MODE,
-    V_MODEL_ID,
-    V_MONITOR,
-    V_PRUNED,
-    V_RUN,
-    V_SHA,
-    V_VALUE,
-    _all_versions,
-    best_version,
-    is_missing,
-    known_models,
 )
-from mlflow_best._signing import SIGNATURE_FILE
+from mlflow_best._resolve import Source, check_identity, resolve, resolve_run
 from mlflow_best._state import unwrap_model
 
 if TYPE_CHECKING:
@@ -103,19 +82,6 @@ class Restored:
     path: Path
     manifest: dict[str, Any] = field(repr=False)
     training_state: dict[str, Any] = field(repr=False)
-
-
-@dataclass(frozen=True)
-class _Source:
-    """Where a checkpoint lives in MLflow and what it must hash to."""
-
-    artifact_uri: str
-    sha256: str | None
-    run_id: str | None
-    version: str | None = None
-    model_id: str | None = None
-    # What MLflow says the checkpoint is (version or LoggedModel tags): the manifest must agree.
-    expect: Mapping[str, str] = field(default_factory=dict)
 
 
 def restore(
@@ -199,7 +165,7 @@ def _restore(
     client: MlflowClient | None = None
     if isinstance(ref, os.PathLike) or (isinstance(ref, str) and Path(ref).is_dir()):
         folder = Path(ref)
-        source = _Source(artifact_uri=str(folder), sha256=None, run_id=None)
+        source = Source(artifact_uri=str(folder), sha256=None, run_id=None)
     elif isinstance(ref, str) and Path(ref).is_file():
         raise CheckpointError(
             f"{ref} is a single file, not an mlflow_best checkpoint (a folder with {MANIFEST}, {MODEL_FILE} "
@@ -211,7 +177,7 @@ def _restore(
         uri = tracking_uri or mlflow.get_tracking_uri()
         probe(uri)
         client = MlflowClient(tracking_uri=uri)
-        source = _resolve(client, ref)
+        source = resolve(client, ref)
         folder = fetch(client, source, cache)
     try:
         loaded = _load_checkpoint(
@@ -256,7 +222,7 @@ def _restore(
 
 def _load_checkpoint(
     folder: Path,
-    source: _Source,
+    source: Source,
     target: torch.device,
     model: torch.nn.Module | None,
     factory: Any,
@@ -346,412 +312,6 @@ def _device(device: str | torch.device) -> torch.device:
     return target
 
 
-# -- resolving references -------------------------------------------------------------------------
-REF_FORMS = (
-    "a run id (32 hex characters) or 'runs:/<run id>', 'models:/<name>/<version>', "
-    "'models:/<name>@<alias>', 'models:/<logged model id>' (m-...), or a local checkpoint folder"
-)
-
-
-def _resolve(client: MlflowClient, ref: str) -> _Source:
-    from mlflow.exceptions import MlflowException
-
-    if not isinstance(ref, str) or not ref:
-        raise ConfigError(f"ref={ref!r} is not a reference; pass {REF_FORMS}")
-    try:
-        if ref.startswith("models:/"):
-            return _resolve_model(client, ref[len("models:/") :], ref)
-        run_id = ref[len("runs:/") :].strip("/") if ref.startswith("runs:/") else ref
-        if not _RUN_ID.match(run_id):
-            looks_local = not ref.startswith("runs:/") and (
-                "/" in ref or os.sep in ref or ref.startswith(".")
-            )
-            where = f" (and there is no folder {str(Path(ref).resolve())!r})" if looks_local else ""
-            raise ConfigError(f"ref={ref!r} is not a reference restore understands{where}; pass {REF_FORMS}")
-        return _resolve_run(client, run_id)
-    except MlflowException as e:
-        if is_missing(e) or e.error_code == "INVALID_PARAMETER_VALUE":
-            raise CheckpointNotFoundError(f"{ref!r} was not found in the tracking store ({e.message})") from e
-        raise TrackingStoreError(
-            f"resolving {ref!r} at the tracking store {shown_uri(client.tracking_uri)!r} failed: {e.message}"
-        ) from e
-
-
-def _missing(client: MlflowClient, ref: str, name: str, *, alias: str | None = None,
-             version: str | None = None) -> CheckpointNotFoundError:
-    """Why ``name@alias`` / ``name/version`` was not found, with what exists instead."""
-    from mlflow.exceptions import MlflowException
-
-    try:
-        model = client.get_registered_model(name)
-    except MlflowException as e:
-        if not is_missing(e):
-            raise
-        return CheckpointNotFoundError(
-            f"{ref!r}: registered model {name!r} does not exist in {shown_uri(client.tracking_uri)!r} "
-            f"(it has: {known_models(client)}); pass one of these, or train with track(registered_model=...) "
-            "first"
-        )
-    if alias is not None:
-        held = ", ".join(f"@{a} -> v{v}" for a, v in sorted((model.aliases or {}).items())) or "none"
-        return CheckpointNotFoundError(
-            f"{ref!r}: registered model {name!r} has no alias {alias!r} (its aliases: {held}); pass one of "
-            f"these, 'models:/{name}/<version>', or set it with mlflow-best promote / mlflow_best.promote"
-        )
-    has = _ranges(sorted(int(v.version) for v in _all_versions(client, name))) or "no versions"
-    return CheckpointNotFoundError(
-        f"{ref!r}: registered model {name!r} has no version {version} (it has {has}); pass one of these"
-    )
-
-
-def _resolve_model(client: MlflowClient, rest: str, ref: str) -> _Source:
-    from mlflow.exceptions import MlflowException
-
-    if "@" in rest:
-        name, alias = rest.rsplit("@", 1)
-        try:
-            mv = client.get_model_version_by_alias(name, alias)
-        except MlflowException as e:
-            if not is_missing(e) and e.error_code != "INVALID_PARAMETER_VALUE":
-                raise
-            raise _missing(client, ref, name, alias=alias) from e
-        return _from_version(client, mv, alias)
-    if "/" in rest:
-        name, version = rest.rsplit("/", 1)
-        if not version.isdigit():
-            raise ConfigError(f"{ref!r}: version {version!r} must be a number, as in 'models:/{name}/3'")
-        try:
-            mv = client.get_model_version(name, version)
-        except MlflowException as e:
-            if not is_missing(e) and e.error_code != "INVALID_PARAMETER_VALUE":
-                raise
-            raise _missing(client, ref, name, version=version) from e
-        return _from_version(client, mv)
-    if rest.startswith("m-"):
-        return _from_logged_model(client, rest)
-    raise ConfigError(
-        f"{ref!r} names no version or alias; use 'models:/{rest}@best' or 'models:/{rest}/1' "
-        f"(restore accepts {REF_FORMS})"
-    )
-
-
-def _from_version(client: MlflowClient, mv: Any, alias: str | None = None) -> _Source:
-    from_source = mv.source.split("/")[-1] if mv.source.startswith("models:/m-") else None
-    model_id = getattr(mv, "model_id", None) or (mv.tags or {}).get(V_MODEL_ID) or from_source
-    if not model_id:
-        raise CheckpointError(
-            f"model version {mv.name}/{mv.version} was not logged by mlflow_best (source {mv.source!r}); "
-            "restore only reads versions that track() registered"
-        )
-    if V_PRUNED in (mv.tags or {}):
-        how = (
-            f"alias @{alias} of {mv.name!r} points at version {mv.version}, which"
-            if alias else f"version {mv.version} of {mv.name!r}"
-        )
-        raise CheckpointPrunedError(
-            f"{how} was pruned by track(keep=...): its checkpoint files were deleted, so it cannot be "
-            f"restored; {_with_files(client, mv)}"
-        )
-    src = _from_logged_model(client, model_id)
-    sha256 = (mv.tags or {}).get(V_SHA) or src.sha256
-    return _Source(src.artifact_uri, sha256, src.run_id, str(mv.version), model_id, _expected(mv.tags))
-
-
-def _with_files(client: MlflowClient, pruned: Any) -> str:
-    """Where to go instead of a pruned version: its model's aliases and its best version with files."""
-    from mlflow.exceptions import MlflowException
-
-    name, tags = pruned.name, pruned.tags or {}
-    try:
-        aliases = client.get_registered_model(name).aliases or {}
-        best = None
-        if V_MONITOR in tags:
-            best = best_version(client, name, tags[V_MONITOR], Criterion(tags.get(V_MODE, "min")))
-    except MlflowException:
-        return f"restore 'models:/{name}@<alias>' or a newer version"
-    hints = []
-    if best is not None:
-        hints.append(
-            f"the best version with files is {best.version} ({tags[V_MONITOR]}={best.tags.get(V_VALUE)}): "
-            f"'models:/{name}/{best.version}'"
-        )
-    held = [
-        f"'models:/{name}@{a}' (-> v{v})" for a, v in sorted(aliases.items()) if str(v) != str(pruned.version)
-    ]
-    if held:
-        hints.append("its aliases: " + ", ".join(held))
-    return "; ".join(hints) or f"no version of {name!r} has files left; restore a run id instead"
-
-
-def _from_logged_model(client: MlflowClient, model_id: str) -> _Source:
-    lm = client.get_logged_model(model_id)
-    if V_PRUNED in (lm.tags or {}):
-        raise CheckpointPrunedError(
-            f"logged model {model_id} ({lm.name}) was pruned by track(keep=...): its checkpoint files were "
-            f"deleted, so it cannot be restored; restore its run {lm.source_run_id} (that run's best) instead"
-        )
-    return _Source(
-        lm.artifact_location, (lm.tags or {}).get(V_SHA), lm.source_run_id, None, model_id, _expected(lm.tags)
-    )
-
-
-def _expected(tags: Mapping[str, str] | None) -> dict[str, str]:
-    return {k: v for k, v in (tags or {}).items() if k in (V_EPOCH, V_VALUE, V_MONITOR, V_RUN)}
-
-
-def check_identity(manifest: Manifest, source: _Source) -> None:
-    """Refuse a checkpoint whose manifest says it is another one than MLflow says (a redirected source,
-    a rewritten tag): the run it belongs to, its epoch, monitor and value."""
-    data, where = manifest.data, manifest.path / MANIFEST
-    owner = data.get("run_id")
-    if source.run_id and owner and owner != source.run_id:
-        raise CheckpointError(
-            f"{where}: this checkpoint belongs to run {owner}, not {source.run_id} as MLflow's records say "
-            "(a version source or tag was redirected); it was not loaded"
-        )
-    mine_of = {V_EPOCH: data.get("epoch"), V_VALUE: data.get("value"), V_MONITOR: data.get("monitor"),
-               V_RUN: owner}
-    for key, mine in mine_of.items():
-        if key not in source.expect:
-            continue
-        tag = source.expect[key]
-        try:
-            if key == V_EPOCH:
-                agree = int(tag) == mine
-            elif key == V_VALUE:
-                agree = mine is not None and float(tag) == float(mine)
-            else:
-                agree = mine is None or tag == mine
-        except (TypeError, ValueError):
-            agree = False
-        if not agree:
-            raise CheckpointError(
-                f"{where}: MLflow's tag {key}={source.expect[key]!r} disagrees with the manifest's {mine!r}: "
-                "the tags or the files were changed; it was not loaded"
-            )
-
-
-def _resolve_run(client: MlflowClient, run_id: str) -> _Source:
-    run = client.get_run(run_id)
-    tags = run.data.tags
-    model_id = tags.get(TAG + "best_model_id")
-    if model_id:
-        src = _from_logged_model(client, model_id)
-        return _Source(src.artifact_uri, tags.get(TAG + "best_sha256") or src.sha256, run_id,
-                       tags.get(TAG + "best_version"), model_id)
-    staged = _staged_best(run_id)
-    if staged is not None:
-        warnings.warn(
-            f"mlflow_best: run {run_id} has no checkpoint in MLflow yet; using the local staged copy "
-            f"{staged} (upload it with mlflow_best.sync({run_id!r}))",
-            RuntimeWarning,
-            stacklevel=3,
-        )
-        return _Source(str(staged), None, run_id)
-    raise CheckpointNotFoundError(
-        f"run {run_id} has no checkpoint: no epoch has improved "
-        f"{tags.get(TAG + 'monitor', 'the monitor')!r} yet (or the run was not tracked by "
-        "mlflow_best.track); train until log_epoch returns True, or restore another run"
-    )
-
-
-def _staged_best(run_id: str) -> Path | None:
-    folder = home() / "runs" / run_id / "checkpoints"
-    if not folder.is_dir():
-        return None
-    best: tuple[float, Path] | None = None
-    for sub in folder.iterdir():
-        if sub.name.startswith(".") or sub.name.startswith("last"):
-            continue
-        try:
-            m = verify_checkpoint(sub)
-        except CheckpointError:
-            continue
-        crit = Criterion(m.data.get("mode", "min"))
-        value = float(m.data.get("value", math.nan))
-        if math.isfinite(value) and (best is None or crit.better(value, best[0])):
-            best = (value, sub)
-    return best[1] if best else None
-
-
-# -- download cache ---------------------------------------------------------------------------------
-def fetch(client: MlflowClient, source: _Source, cache: Path) -> Path:
-    """A local copy of ``source``: from the cache when complete, else downloaded into it.
-
-    Nothing here is trusted for loading: the loader hashes the bytes it reads against the manifest,
-    and the manifest against what MLflow recorded. The cache only saves downloads; it lives in a
-    ``0700`` folder with read-only files.
-    """
-    return download_into_cache(client, source, cache)
-
-
-def download_into_cache(
-    client: MlflowClient, source: _Source, cache: Path, *, weights_only: bool = False
-) -> Path:
-    """The cache entry of ``source`` (``cache/<sha256>``), downloaded unless already complete there.
-
-    ``weights_only``: only the manifest and the weights are needed (``load_model``); a full entry
-    serves, else the two files go to ``cache/weights/<sha256>``. After each call the cache is within
-    its size bound (``MLFLOW_BEST_CACHE_MAX_BYTES``), the entry returned excepted.
-    """
-    import mlflow
-    from mlflow.exceptions import MlflowException
-
-    if source.sha256 is None and os.path.isdir(source.artifact_uri):
-        return Path(source.artifact_uri)  # a local staged copy: verified by the loader, in place
-    max_bytes()  # a bad MLFLOW_BEST_CACHE_MAX_BYTES is refused before anything is downloaded
-    names = [MODEL_FILE] if weights_only else None
-    into = cache / WEIGHTS if weights_only else cache
-    if source.sha256:
-        for cached in (cache / source.sha256, *([into / source.sha256] if weights_only else [])):
-            if cache_hit(cached, names):
-                return _used(cache, cached)
-    private_dir(into)
-    sweep(into)
-    stored = source.artifact_uri.rstrip("/")
-    # MLflow's per-file progress bar is noise in logs and notebooks; a user's own setting wins.
-    with scoped_env(QUIET_DOWNLOADS), partial_dir(into) as tmp:
-        local = tmp
-        try:
-            if weights_only:
-                stored = _download_weights(client, source, stored, tmp)
-            else:
-                local = Path(
-                    mlflow.artifacts.download_artifacts(
-                        artifact_uri=source.artifact_uri, dst_path=str(tmp), tracking_uri=client.tracking_uri
-                    )
-                )
-                if not (local / MANIFEST).is_file() and (local / "artifacts" / MANIFEST).is_file():
-                    local, stored = local / "artifacts", stored + "/artifacts"
-            manifest = read_manifest(local)
-            check_recorded(manifest, source)
-            _check_sizes(local, manifest, names)
-            seal(local)
-            return _used(cache, _publish_to_cache(local, into / manifest.sha256, into))
-        except CheckpointError as e:
-            # Name the file where it is stored, not in the temporary download folder removed below.
-            raise type(e)(str(e).replace(str(local), stored)) from e
-        except MlflowException as e:
-            raise TrackingStoreError(f"downloading {stored} failed: {e.message}") from e
-
-
-def _used(cache: Path, entry: Path) -> Path:
-    touch(entry)
-    enforce_limit(cache, in_use=entry)
-    sweep(cache)
-    return entry
-
-
-def _download_weights(client: MlflowClient, source: _Source, stored: str, tmp: Path) -> str:
-    """Download only ``manifest.json``, ``model.pt`` (and the signature, if any) into ``tmp``."""
-    from mlflow.exceptions import MlflowException
-
-    try:
-        _download(client, stored, MANIFEST, tmp)
-    except (MlflowException, OSError):
-        # A version whose source is the LoggedModel's folder rather than its artifacts.
-        stored += "/artifacts"
-        _download(client, stored, MANIFEST, tmp)
-    check_recorded(read_manifest(tmp), source)  # before the weights are downloaded
-    _download(client, stored, MODEL_FILE, tmp)
-    with contextlib.suppress(MlflowException, OSError, CheckpointError):
-        _download(client, stored, SIGNATURE_FILE, tmp)
-    return stored
-
-
-def _download(client: MlflowClient, stored: str, name: str, dst: Path) -> None:
-    import mlflow
-
-    local = Path(
-        mlflow.artifacts.download_artifacts(
-            artifact_uri=f"{stored}/{name}", dst_path=str(dst), tracking_uri=client.tracking_uri
-        )
-    )
-    if local != dst / name:
-        shutil.move(str(local), dst / name)
-    if not (dst / name).is_file():
-        raise CheckpointError(f"{stored}/{name} is missing; the checkpoint is incomplete")
-
-
-def check_recorded(manifest: Manifest, source: _Source) -> None:
-    """A downloaded manifest is what MLflow recorded: the same checkpoint, and the same bytes."""
-    check_identity(manifest, source)
-    if source.sha256 and manifest.sha256 != source.sha256:
-        raise CheckpointError(
-            f"{manifest.path / MANIFEST} has sha256 {manifest.sha256[:12]}…, but MLflow recorded "
-            f"{source.sha256[:12]}… for this checkpoint: the stored manifest was changed; it was not loaded"
-        )
-
-
-def private_dir(path: Path) -> None:
-    """Create ``path`` (and parents) readable by this user only."""
-    path.mkdir(parents=True, exist_ok=True, mode=0o700)
-    with contextlib.suppress(OSError):
-        path.chmod(0o700)
-
-
-def seal(folder: Path) -> None:
-    """Make a downloaded checkpoint's files read-only before it joins the cache."""
-    for f in folder.rglob("*"):
-        if f.is_file():
-            with contextlib.suppress(OSError):
-                f.chmod(0o444)
-
-
-def _check_sizes(folder: Path, manifest: Manifest, names: list[str] | None = None) -> None:
-    listed = manifest.all_files
-    for name in names if names is not None else list(listed):
-        path = folder / name
-        if not path.is_file():
-            raise CheckpointError(f"{path} is missing; the checkpoint is incomplete")
-        if path.stat().st_size != listed[name]["bytes"]:
-            raise CheckpointError(
-                f"{path} is {path.stat().st_size} bytes, the manifest says {listed[name]['bytes']}: the file "
-                "is truncated or was changed; restore another version or re-download it"
-            )
-
-
-def _evict(folder: Path, cache: Path) -> None:
-    with contextlib.suppress(OSError):
-        os.replace(folder, cache / f".stale-{uuid.uuid4().hex[:8]}")
-
-
-def _publish_to_cache(local: Path, final: Path, cache: Path) -> Path:
-    """Move a verified download to ``final``, safe against other processes doing the same.
-
-    Ranks of one node restore the same checkpoint at once: an entry another process completed is kept
-    (the content is identical by its name); a stale one is moved aside, never deleted in place, so a
-    reader that already holds it keeps reading whole files.
-    """
-    for _ in range(3):
-        if cache_hit(final):
-            return final
-        if final.exists():
-            with contextlib.suppress(OSError):
-                os.replace(final, cache / f".stale-{uuid.uuid4().hex[:8]}")
-        try:
-            os.replace(local, final)
-            return final
-        except OSError:
-            continue  # another process put its copy there first: check it on the next pass
-    if cache_hit(final):
-        return final
-    raise CheckpointError(f"{final}: the download cache kept changing under this process; retry restore")
-
-
-def cache_hit(folder: Path, names: list[str] | None = None) -> bool:
-    """A cached folder is used when its manifest still hashes to the folder's name and the files are
-    all there at their declared sizes; their contents are hashed by the loader, at every load."""
-    try:
-        manifest = read_manifest(folder)
-        if manifest.sha256 != folder.name:
-            return False
-        _check_sizes(folder, manifest, names)
-        return True
-    except (OSError, CheckpointError):
-        return False
-
-
 # -- loading ---------------------------------------------------------------------------------------
 def _move_optimizer_state(opt: torch.optim.Optimizer, device: torch.device) -> None:
     # load_state_dict casts state to each parameter's device already; "step" stays where torch wants it.
@@ -765,14 +325,14 @@ def _move_optimizer_state(opt: torch.optim.Optimizer, device: torch.device) -> N
 def latest_checkpoint(client: MlflowClient, run_id: str) -> tuple[Any, Any] | None:
     """The newest checkpoint of a run (best or "last"), loaded on the CPU, for ``resume``."""
     tags = client.get_run(run_id).data.tags
-    candidates: list[tuple[int, _Source]] = []
+    candidates: list[tuple[int, Source]] = []
     if TAG + "best_model_id" in tags:
-        src = _resolve_run(client, run_id)
+        src = resolve_run(client, run_id)
         candidates.append((int(tags.get(TAG + "best_epoch", -1)), src))
     if TAG + "last_checkpoint" in tags:
         run = client.get_run(run_id)
         uri = run.info.artifact_uri.rstrip("/") + "/" + tags[TAG + "last_checkpoint"]
-        last = _Source(uri, tags.get(TAG + "last_sha256"), run_id)
+        last = Source(uri, tags.get(TAG + "last_sha256"), run_id)
         candidates.append((int(tags.get(TAG + "last_epoch", -1)), last))
     for _, src in sorted(candidates, key=lambda c: -c[0]):
         try:
