@@ -21,8 +21,10 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import math
 import os
 import pickle
+import re
 import shutil
 import uuid
 import zipfile
@@ -38,6 +40,67 @@ from mlflow_best._errors import CheckpointError, ConfigError, UnsafeCheckpointEr
 
 FORMAT = "mlflow_best.checkpoint"
 FORMAT_VERSION = 1
+@dataclass(frozen=True)
+class CheckpointId:
+    """Which checkpoint this is (kind, epoch, monitor, value), and every name derived from it.
+
+    ``best`` checkpoints are named by their epoch and monitored value (``epoch=0006-val_loss=0.6000``);
+    the rolling ``last`` one by its epoch (``last-epoch=0006``). Each name is one safe path component:
+    the folder in the staging area, the display name, the LoggedModel name (no dots), and for
+    ``last`` the run artifact path it is uploaded to.
+    """
+
+    kind: str
+    epoch: int
+    monitor: str
+    value: float
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("best", "last"):
+            raise ConfigError(f"a checkpoint's kind is 'best' or 'last', got {self.kind!r}")
+        if self.epoch < 0:
+            raise ConfigError(f"a checkpoint's epoch is >= 0, got {self.epoch!r}")
+        if self.kind == "best" and not math.isfinite(self.value):
+            raise ConfigError(f"a best checkpoint needs a finite {self.monitor}, got {self.value!r}")
+
+    @property
+    def name(self) -> str:
+        """The folder and display name: ``epoch=0006-val_loss=0.6000`` or ``last-epoch=0006``."""
+        if self.kind == "last":
+            return f"{LAST_PREFIX}{self.epoch:04d}"
+        stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", self.monitor).strip("._") or "metric"
+        if len(stem) > 64:
+            stem = f"{stem[:48]}-{hashlib.sha1(self.monitor.encode()).hexdigest()[:8]}"
+        shown = f"{self.value:.4f}" if abs(self.value) < 1e6 else f"{self.value:.4e}"
+        return f"epoch={self.epoch:04d}-{stem}={shown}"
+
+    @property
+    def logged_model_name(self) -> str:
+        """The LoggedModel name: MLflow refuses '.', '/', ':', '%' and quotes there."""
+        return logged_model_name(self.name)
+
+    @property
+    def artifact_path(self) -> str:
+        """Where a ``last`` checkpoint lives in the run's artifacts (``checkpoints/last-epoch=0006``)."""
+        return f"checkpoints/{self.name}"
+
+    @staticmethod
+    def last_epoch_of(folder_name: str) -> int | None:
+        """The epoch of a ``last-epoch=NNNN`` name, or None for any other name."""
+        if not folder_name.startswith(LAST_PREFIX):
+            return None
+        digits = folder_name[len(LAST_PREFIX):]
+        return int(digits) if digits.isdigit() else None
+
+
+LAST_PREFIX = "last-epoch="
+
+
+def logged_model_name(name: str) -> str:
+    """``name`` as a LoggedModel name: MLflow refuses '.', '/', ':', '%' and quotes there."""
+    return "".join("_" if c in "./:%\"'" else c for c in name)
+
+
 MANIFEST = "manifest.json"
 MODEL_FILE = "model.pt"
 TRAINING_FILE = "training_state.pt"

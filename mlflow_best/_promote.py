@@ -15,6 +15,7 @@ from mlflow_best._registry import (
     V_PRUNED,
     V_VALUE,
     _all_versions,
+    alias_holder,
     best_version,
     is_missing,
     known_models,
@@ -167,13 +168,8 @@ def _promote(client: MlflowClient, name: str, version: str | None, alias: str) -
             f"version {version} of {name!r} was pruned by track(keep=...): its files are deleted and it "
             "cannot be restored; promote another version"
         )
-    previous: str | None
-    try:
-        previous = str(client.get_model_version_by_alias(name, alias).version)
-    except MlflowException as e:
-        if not is_missing(e):
-            raise
-        previous = None
+    found = alias_holder(client, name, alias)
+    previous = None if found is None else str(found.version)
     client.set_registered_model_alias(name, alias, str(mv.version))
     tags = mv.tags or {}
     if monitor is None and V_MONITOR in tags:

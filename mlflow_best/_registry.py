@@ -7,18 +7,16 @@ response) resumes at the failed step instead of creating a second model or versi
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import math
 import random
-import re
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from mlflow_best import _signing as signing
-from mlflow_best._checkpoint import manifest_sha256
+from mlflow_best._checkpoint import LAST_PREFIX, CheckpointId, logged_model_name, manifest_sha256
 from mlflow_best._criterion import Criterion
 from mlflow_best._retention import Candidate, aliases_of, to_prune
 from mlflow_best._staging import ArtifactOp, CheckpointOp, EndOp, MetricsOp, Op, TagsOp, discard_folder
@@ -36,23 +34,16 @@ V_MODEL_ID = TAG + "model_id"
 MODEL_VERSIONS_TAG = "mlflow.modelVersions"  # MLflow's own (mlflow.utils.mlflow_tags.MLFLOW_MODEL_VERSIONS)
 
 
-def checkpoint_name(epoch: int, monitor: str, value: float) -> str:
-    """``epoch=0006-val_loss=0.6000``: the checkpoint's folder and display name.
+def alias_holder(client: MlflowClient, name: str, alias: str) -> Any | None:
+    """The model version ``name@alias`` points at, or None when the alias (or the model) does not exist."""
+    from mlflow.exceptions import MlflowException
 
-    Safe as one path component everywhere (a folder, an artifact path, a LoggedModel name once
-    ``logged_model_name`` has replaced the dots): ``val/loss`` becomes ``val_loss``, and a very long
-    monitor is shortened with a hash of the full name so two monitors never share a name.
-    """
-    stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", monitor).strip("._") or "metric"
-    if len(stem) > 64:
-        stem = f"{stem[:48]}-{hashlib.sha1(monitor.encode()).hexdigest()[:8]}"
-    shown = f"{value:.4f}" if abs(value) < 1e6 else f"{value:.4e}"
-    return f"epoch={epoch:04d}-{stem}={shown}"
-
-
-def logged_model_name(name: str) -> str:
-    # MLflow refuses '.', '/', ':', '%' and quotes in LoggedModel names.
-    return "".join("_" if c in "./:%\"'" else c for c in name)
+    try:
+        return client.get_model_version_by_alias(name, alias)
+    except MlflowException as e:
+        if not is_missing(e):
+            raise
+        return None
 
 
 def is_missing(error: MlflowException) -> bool:
@@ -200,12 +191,8 @@ def move_alias_to_best(
         if best is None:
             return None
         target = str(best.version)
-        try:
-            holder: str | None = str(client.get_model_version_by_alias(name, alias).version)
-        except MlflowException as e:
-            if not is_missing(e):
-                raise
-            holder = None
+        found = alias_holder(client, name, alias)
+        holder = None if found is None else str(found.version)
         if holder == target:
             return target
         try:
@@ -504,7 +491,7 @@ class Publisher:
 
         p = op.progress
         folder = Path(op.folder)
-        path = f"checkpoints/last-epoch={op.epoch:04d}"
+        path = CheckpointId("last", op.epoch, self.monitor, op.value).artifact_path
         if "sha256" not in p:
             p["sha256"] = manifest_sha256(folder)
         if "artifacts" not in p:
@@ -556,12 +543,9 @@ def _delete_artifacts(artifact_uri: str, path: str | None = None) -> None:
 
 def _delete_older_local_lasts(folder: Path, epoch: int) -> None:
     """Remove the staged "last" folders this one supersedes (MLflow's pointer has moved past them)."""
-    for sibling in folder.parent.glob("last-epoch=*"):
-        try:
-            older = int(sibling.name.split("=", 1)[1]) < epoch
-        except ValueError:
-            continue
-        if older:
+    for sibling in folder.parent.glob(f"{LAST_PREFIX}*"):
+        older = CheckpointId.last_epoch_of(sibling.name)
+        if older is not None and older < epoch:
             discard_folder(sibling)
 
 

@@ -40,6 +40,7 @@ from mlflow_best._registry import (
     V_SHA,
     V_VALUE,
     _all_versions,
+    alias_holder,
     best_version,
     is_missing,
     known_models,
@@ -129,11 +130,13 @@ def _resolve_model(client: MlflowClient, rest: str, ref: str) -> Source:
     if "@" in rest:
         name, alias = rest.rsplit("@", 1)
         try:
-            mv = client.get_model_version_by_alias(name, alias)
+            mv = alias_holder(client, name, alias)
         except MlflowException as e:
-            if not is_missing(e) and e.error_code != "INVALID_PARAMETER_VALUE":
+            if e.error_code != "INVALID_PARAMETER_VALUE":
                 raise
-            raise _missing(client, ref, name, alias=alias) from e
+            mv = None  # an alias name MLflow refuses names no version either
+        if mv is None:
+            raise _missing(client, ref, name, alias=alias)
         return _from_version(client, mv, alias)
     if "/" in rest:
         name, version = rest.rsplit("/", 1)

@@ -25,6 +25,7 @@ from mlflow_best import _errors
 from mlflow_best import _lease as lease
 from mlflow_best import _lifecycle as lifecycle
 from mlflow_best import _training as training
+from mlflow_best._checkpoint import CheckpointId
 from mlflow_best._config import TrackConfig, check_key
 from mlflow_best._errors import (
     CheckpointError,
@@ -45,7 +46,7 @@ from mlflow_best._recipe import (
     load_model_state,
     model_recipe,
 )
-from mlflow_best._registry import TAG, Publisher, checkpoint_name
+from mlflow_best._registry import TAG, Publisher, alias_holder
 from mlflow_best._replay import sync_staging
 from mlflow_best._staging import (
     ArtifactOp,
@@ -512,7 +513,7 @@ class Run:
         value = values[cfg.monitor]
         # Every "last" gets its own folder too: the upload of one may still be reading its files
         # while the next one is written, and a shared folder would be replaced under it.
-        name = checkpoint_name(epoch, cfg.monitor, value) if kind == "best" else f"last-epoch={epoch:04d}"
+        name = CheckpointId("best" if kind == "best" else "last", epoch, cfg.monitor, value).name
         folder = self.staging_dir / "checkpoints" / name
         try:
             state = training.capture(
@@ -747,10 +748,10 @@ class Run:
         if self._client is None or not self.config.registered_model or not self.config.alias:
             return None
         try:
-            mv = self._client.get_model_version_by_alias(self.config.registered_model, self.config.alias)
+            mv = alias_holder(self._client, self.config.registered_model, self.config.alias)
         except MlflowException:
-            return None
-        return str(mv.version)
+            return None  # only a line of the summary: never worth failing the run's end
+        return None if mv is None else str(mv.version)
 
 
 def _earlier_points(
