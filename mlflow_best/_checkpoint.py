@@ -31,7 +31,7 @@ import zipfile
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -186,7 +186,7 @@ def write_checkpoint(
         manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, **meta, "files": files}
         if code:
             manifest["code"] = code
-        manifest_bytes = json.dumps(manifest, indent=2, sort_keys=True).encode("utf-8")
+        manifest_bytes = Manifest.to_json(manifest)
         _write_bytes(manifest_bytes, tmp / MANIFEST)
         secret = signing.key()
         if secret is not None:
@@ -242,6 +242,45 @@ class Manifest:
     def all_files(self) -> dict[str, dict[str, Any]]:
         """Every listed file, by path relative to the folder: ``files`` and the shipped ``code``."""
         return {**self.files, **self.data.get("code", {})}
+
+    @property
+    def model(self) -> dict[str, Any]:
+        """How the model is rebuilt (class or factory, args, parameters): see ``_recipe``."""
+        model: dict[str, Any] = self.data["model"]
+        return model
+
+    @property
+    def optimizer(self) -> dict[str, Any] | None:
+        """How the optimizer is rebuilt (class and parameter groups), or None."""
+        optimizer: dict[str, Any] | None = self.data.get("optimizer")
+        return optimizer
+
+    @property
+    def metrics(self) -> dict[str, float]:
+        return {str(k): float(v) for k, v in self.data["metrics"].items()}
+
+    @property
+    def run_id(self) -> str | None:
+        run_id = self.data.get("run_id")
+        return None if run_id is None else str(run_id)
+
+    @property
+    def mode(self) -> Literal["min", "max"]:
+        return "max" if self.data.get("mode") == "max" else "min"
+
+    @property
+    def value(self) -> float:
+        return float(self.data.get("value", math.nan))
+
+    @classmethod
+    def from_json(cls, folder: Path, raw: bytes) -> Manifest:
+        """Parse and type-check manifest bytes read from ``folder``; a ``CheckpointError`` names the field."""
+        return parse_manifest(folder, raw)
+
+    @staticmethod
+    def to_json(data: Mapping[str, Any]) -> bytes:
+        """The bytes written as ``manifest.json`` (and hashed, and signed): sorted keys, one encoding."""
+        return json.dumps(data, indent=2, sort_keys=True).encode("utf-8")
 
 
 _REQUIRED: dict[str, type | tuple[type, ...]] = {

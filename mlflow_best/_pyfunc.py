@@ -343,7 +343,7 @@ def load_weights(
     manifest = open_checkpoint(folder, source.sha256 if source is not None else None)
     if source is not None:
         check_identity(manifest, source)
-    info = manifest.data["model"]
+    info = manifest.model
     if serving:
         _import_recorded(info)
     entry = manifest.files[MODEL_FILE]
@@ -470,7 +470,7 @@ def load_for_inference(
     if isinstance(ref, os.PathLike) or (isinstance(ref, str) and Path(ref).is_dir()):
         folder = Path(ref)
         manifest, model = load_weights(folder, target, trust_code=trust_code)
-        return Loaded(model, manifest, folder, manifest.data.get("run_id"), None)
+        return Loaded(model, manifest, folder, manifest.run_id, None)
     cache = Path(cache_dir) if cache_dir else home() / "cache"
     uri = tracking_uri or mlflow.get_tracking_uri()
     with reach(uri):
@@ -494,7 +494,7 @@ def _load_remote(
         manifest, model = load_weights(
             folder, target, source, trust_code=trust_code, cached=_in_cache(folder, cache)
         )
-    return Loaded(model, manifest, folder, source.run_id or manifest.data.get("run_id"), source.version)
+    return Loaded(model, manifest, folder, source.run_id or manifest.run_id, source.version)
 
 
 def _in_cache(folder: Path, cache: Path) -> bool:

@@ -289,8 +289,8 @@ def _staged_best(run_id: str) -> Path | None:
             m = verify_checkpoint(sub)
         except CheckpointError:
             continue
-        crit = Criterion(m.data.get("mode", "min"))
-        value = float(m.data.get("value", math.nan))
+        crit = Criterion(m.mode)
+        value = m.value
         if math.isfinite(value) and (best is None or crit.better(value, best[0])):
             best = (value, sub)
     return best[1] if best else None

@@ -196,8 +196,8 @@ def _restore(
     manifest, net, inner, state = loaded
     opt = optimizer
     saved_opt = train_state.saved_optimizer(state)
-    if opt is None and saved_opt is not None and manifest.data.get("optimizer"):
-        opt = rebuild_optimizer(manifest.data["optimizer"], inner, saved_opt)
+    if opt is None and saved_opt is not None and manifest.optimizer:
+        opt = rebuild_optimizer(manifest.optimizer, inner, saved_opt)
     train_state.apply(
         state, optimizer=optimizer, scheduler=scheduler, scaler=scaler, generators=generators or {},
         source=str(folder / TRAINING_FILE), rng=restore_rng,
@@ -210,8 +210,8 @@ def _restore(
         scheduler=scheduler,
         scaler=scaler,
         epoch=train_state.epoch_of(state, default=manifest.epoch),
-        metrics={str(k): float(v) for k, v in manifest.data["metrics"].items()},
-        run_id=source.run_id or manifest.data.get("run_id"),
+        metrics=manifest.metrics,
+        run_id=source.run_id or manifest.run_id,
         version=source.version,
         model_id=source.model_id,
         path=folder,
@@ -239,9 +239,9 @@ def _load_checkpoint(
     if model is None:
         # Built on the meta device and checked against the weights file before anything is
         # allocated or read: a recipe that would allocate gigabytes is refused here.
-        plan = plan_model(manifest.data["model"], factory=factory, trust_code=trust_code)
+        plan = plan_model(manifest.model, factory=factory, trust_code=trust_code)
         plan.check_size(str(folder / MODEL_FILE), int(model_entry["bytes"]),
-                        manifest.data["model"].get("parameters"))
+                        manifest.model.get("parameters"))
     model_state = model_file.load(target)
     # The training state is read onto the CPU: optimizer.load_state_dict then moves each state to its
     # parameter's device and keeps a non-capturable 'step' on the CPU, as torch wants it (a 'step'
