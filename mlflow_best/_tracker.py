@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import numbers
-import operator
 import os
 import sys
 import tempfile
@@ -26,7 +24,7 @@ from mlflow_best import _lease as lease
 from mlflow_best import _lifecycle as lifecycle
 from mlflow_best import _training as training
 from mlflow_best._checkpoint import CheckpointId
-from mlflow_best._config import TrackConfig, check_key
+from mlflow_best._config import TrackConfig
 from mlflow_best._errors import (
     CheckpointError,
     ConfigError,
@@ -36,6 +34,7 @@ from mlflow_best._errors import (
     UnsentError,
 )
 from mlflow_best._lease import LEASE_TAG
+from mlflow_best._metrics import check_epoch, check_metrics
 from mlflow_best._plot import EpochPoint, plot_filename, render_metric_plot
 from mlflow_best._pyfunc import ModelFiles
 from mlflow_best._reach import bounded_http, probe
@@ -48,6 +47,7 @@ from mlflow_best._recipe import (
 )
 from mlflow_best._registry import TAG, Publisher, alias_holder
 from mlflow_best._replay import sync_staging
+from mlflow_best._resume import earlier_points, warn_relogged
 from mlflow_best._staging import (
     ArtifactOp,
     CheckpointOp,
@@ -269,9 +269,9 @@ class Run:
                 self._pipeline.close(offline_timeout=5.0)
                 self._closed = True
                 raise
-            self.history, logged_until = _earlier_points(client, self.run_id, cfg, self.start_epoch)
+            self.history, logged_until = earlier_points(client, self.run_id, cfg, self.start_epoch)
             if self._last_epoch is not None:  # resumed from a checkpoint (else warned already)
-                _warn_relogged(self.run_id, self.start_epoch, logged_until, cfg.save_last_every)
+                warn_relogged(self.run_id, self.start_epoch, logged_until, cfg.save_last_every)
         self._t_enter = self._t_epoch = time.monotonic()
         if same_store and self._owns_run:
             # The run is the active fluent run inside the block, so mlflow.log_* calls land in it.
@@ -480,32 +480,8 @@ class Run:
         )
 
     def _check_metrics(self, epoch: int, metrics: Mapping[str, Any]) -> tuple[int, dict[str, float]]:
-        if isinstance(epoch, bool) or not isinstance(epoch, numbers.Integral) or epoch < 0:
-            raise MetricError(f"epoch={epoch!r} must be an int >= 0 (used as MLflow's step)")
-        epoch = operator.index(epoch)  # a numpy integer (from np.arange) becomes a plain int
-        if self._last_epoch is not None and epoch <= self._last_epoch:
-            raise MetricError(
-                f"epoch={epoch} was already logged (last logged: {self._last_epoch}); epochs must increase. "
-                f"Loop with `for epoch in range(run.start_epoch, n)`"
-            )
-        if not isinstance(metrics, Mapping):
-            raise MetricError(f"metrics must be a mapping of name -> number, got {type(metrics).__name__}")
-        monitor = self.config.monitor
-        if monitor not in metrics:
-            got = ", ".join(repr(k) for k in metrics) or "nothing"
-            raise MetricError(
-                f"monitor={monitor!r} is not in the metrics passed to log_epoch (got: {got}); pass it, "
-                "or set monitor= to one of these"
-            )
-        values: dict[str, float] = {}
-        for key, raw in metrics.items():
-            if key not in self._valid_keys:
-                # MLflow's own rules, checked before anything of this epoch is queued: a name it
-                # would refuse in the background must not get that far (log the epoch again, renamed).
-                check_key(key, "metric name")
-                self._valid_keys.add(key)
-            values[key] = _to_float(key, raw)
-        return epoch, values
+        epoch = check_epoch(epoch, self._last_epoch)
+        return epoch, check_metrics(metrics, self.config.monitor, self._valid_keys)
 
     def _checkpoint(self, epoch: int, values: dict[str, float], kind: str, rngs: list[Any] | None) -> None:
         pipeline = self._require_pipeline()
@@ -754,48 +730,6 @@ class Run:
         return None if mv is None else str(mv.version)
 
 
-def _earlier_points(
-    client: MlflowClient, run_id: str, cfg: TrackConfig, before: int
-) -> tuple[list[EpochPoint], int | None]:
-    """The monitored history of a resumed run (its plot covers every epoch), and its last logged epoch."""
-    from mlflow.exceptions import MlflowException
-
-    try:
-        history = sorted(client.get_metric_history(run_id, cfg.monitor), key=lambda m: (m.step, m.timestamp))
-    except MlflowException:
-        return [], None
-    points: list[EpochPoint] = []
-    best: float | None = None
-    for m in history:
-        if m.step >= before or (points and points[-1].epoch == m.step):
-            continue
-        improved = cfg.criterion.improves(float(m.value), best)
-        best = float(m.value) if improved else best
-        points.append(EpochPoint(int(m.step), float(m.value), improved))
-    return points, (int(history[-1].step) if history else None)
-
-
-def _warn_relogged(run_id: str, start_epoch: int, logged_until: int | None, save_last_every: int) -> None:
-    """Resuming from a checkpoint older than the last logged epoch logs those epochs a second time."""
-    if logged_until is None or logged_until < start_epoch:
-        return
-    epochs = f"epoch {start_epoch} was" if logged_until == start_epoch else (
-        f"epochs {start_epoch}-{logged_until} were"
-    )
-    fix = (
-        "pass save_last=True to track so a resume starts after the last epoch"
-        if not save_last_every
-        else f"save_last={save_last_every} saves every {save_last_every} epochs; save_last=True saves each"
-    )
-    warnings.warn(
-        f"mlflow_best: run {run_id} resumes at epoch {start_epoch} (after its newest checkpoint), but "
-        f"{epochs} already logged; they are trained and logged again (MLflow keeps both rows). "
-        f"To avoid it, {fix}",
-        RuntimeWarning,
-        stacklevel=5,
-    )
-
-
 def _check_writable(root: Path) -> None:
     try:
         root.mkdir(parents=True, exist_ok=True)
@@ -808,21 +742,6 @@ def _check_writable(root: Path) -> None:
             f"staging_dir={str(root)!r} is not writable ({e.strerror or e}); checkpoints are written there "
             "before they are uploaded. Pass staging_dir= a writable folder or set MLFLOW_BEST_HOME"
         ) from e
-
-
-def _to_float(key: str, raw: Any) -> float:
-    if isinstance(raw, torch.Tensor):
-        if raw.numel() != 1:
-            raise MetricError(
-                f"metric {key!r} is a tensor of shape {tuple(raw.shape)}; pass a scalar (e.g. loss.item())"
-            )
-        return float(raw.detach().cpu().item())
-    if isinstance(raw, bool) or not isinstance(raw, numbers.Real):
-        raise MetricError(f"metric {key!r} is {raw!r} ({type(raw).__name__}), not a number; pass a float")
-    try:
-        return float(raw)
-    except OverflowError as e:
-        raise MetricError(f"metric {key!r} is {str(raw)[:40]}..., too large for a float; pass a float") from e
 
 
 def _now_ms() -> int:
