@@ -89,7 +89,10 @@ def _entries(root: Path) -> Iterator[Path]:
                     yield entry
 
 
-def _size(folder: Path) -> int:
+def tree_size(folder: Path) -> int:
+    """Bytes in the files below ``folder`` (or of ``folder`` itself, a file); vanished files count 0."""
+    if folder.is_file():
+        return folder.stat().st_size
     total = 0
     for top, _, files in os.walk(folder):
         for name in files:
@@ -107,7 +110,7 @@ def enforce_limit(root: Path, in_use: Path) -> list[Path]:
     found = []
     for entry in _entries(root):
         with contextlib.suppress(OSError):
-            found.append((entry.stat().st_mtime, _size(entry), entry))
+            found.append((entry.stat().st_mtime, tree_size(entry), entry))
     total = sum(size for _, size, _ in found)
     evicted: list[Path] = []
     for _, size, entry in sorted(found, key=lambda f: f[0]):

@@ -30,6 +30,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from mlflow_best._cache import tree_size
 from mlflow_best._config import home
 from mlflow_best._errors import CheckpointError, ConfigError
 
@@ -411,7 +412,7 @@ def sweep(root: Path, *, held: Path | None = None) -> int:
             continue  # a live writer: its .tmp-* may be the checkpoint it is writing now
         try:
             for path in junk:
-                freed += _size(path)
+                freed += tree_size(path)
                 if path.is_dir():
                     shutil.rmtree(path, ignore_errors=True)
                 else:
@@ -420,17 +421,6 @@ def sweep(root: Path, *, held: Path | None = None) -> int:
         finally:
             lock.release()
     return freed
-
-
-def _size(path: Path) -> int:
-    if path.is_file():
-        return path.stat().st_size
-    total = 0
-    for dirpath, _, files in os.walk(path):
-        for name in files:
-            with contextlib.suppress(OSError):
-                total += os.lstat(os.path.join(dirpath, name)).st_size
-    return total
 
 
 def discard_folder(folder: Path) -> None:
