@@ -9,17 +9,8 @@ from typing import TYPE_CHECKING
 from mlflow_best._criterion import Criterion
 from mlflow_best._errors import CheckpointNotFoundError, ConfigError, TrackingStoreError
 from mlflow_best._reach import reach, shown_uri
-from mlflow_best._registry import (
-    V_MODE,
-    V_MONITOR,
-    V_PRUNED,
-    V_VALUE,
-    _all_versions,
-    alias_holder,
-    best_version,
-    is_missing,
-    known_models,
-)
+from mlflow_best._registry import _all_versions, alias_holder, best_version, is_missing, known_models
+from mlflow_best._tags import V_MODE, V_MONITOR, V_PRUNED, V_VALUE
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient

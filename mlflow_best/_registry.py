@@ -20,18 +20,24 @@ from mlflow_best._checkpoint import LAST_PREFIX, CheckpointId, logged_model_name
 from mlflow_best._criterion import Criterion
 from mlflow_best._retention import Candidate, aliases_of, to_prune
 from mlflow_best._staging import ArtifactOp, CheckpointOp, EndOp, MetricsOp, Op, TagsOp, discard_folder
+from mlflow_best._tags import (
+    MODEL_VERSIONS_TAG,
+    TAG,
+    V_EPOCH,
+    V_MODE,
+    V_MODEL_ID,
+    V_MONITOR,
+    V_PRUNED,
+    V_RUN,
+    V_SHA,
+    V_VALUE,
+)
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
     from mlflow.entities import Metric
     from mlflow.exceptions import MlflowException
 
-TAG = "mlflow_best."
-# Tags on each model version; plain keys so they read well in the registry UI.
-V_EPOCH, V_MONITOR, V_MODE, V_VALUE, V_SHA, V_RUN = "epoch", "monitor", "mode", "value", "sha256", "run_id"
-V_PRUNED = TAG + "pruned"
-V_MODEL_ID = TAG + "model_id"
-MODEL_VERSIONS_TAG = "mlflow.modelVersions"  # MLflow's own (mlflow.utils.mlflow_tags.MLFLOW_MODEL_VERSIONS)
 
 
 def alias_holder(client: MlflowClient, name: str, alias: str) -> Any | None:

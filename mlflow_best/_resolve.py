@@ -29,22 +29,8 @@ from mlflow_best._errors import (
 )
 from mlflow_best._promote import _ranges
 from mlflow_best._reach import shown_uri
-from mlflow_best._registry import (
-    TAG,
-    V_EPOCH,
-    V_MODE,
-    V_MODEL_ID,
-    V_MONITOR,
-    V_PRUNED,
-    V_RUN,
-    V_SHA,
-    V_VALUE,
-    _all_versions,
-    alias_holder,
-    best_version,
-    is_missing,
-    known_models,
-)
+from mlflow_best._registry import _all_versions, alias_holder, best_version, is_missing, known_models
+from mlflow_best._tags import TAG, V_EPOCH, V_MODE, V_MODEL_ID, V_MONITOR, V_PRUNED, V_RUN, V_SHA, V_VALUE
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient

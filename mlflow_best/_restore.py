@@ -37,11 +37,9 @@ from mlflow_best._recipe import (
     plan_model,
     rebuild_optimizer,
 )
-from mlflow_best._registry import (
-    TAG,
-)
 from mlflow_best._resolve import Source, check_identity, resolve, resolve_run
 from mlflow_best._state import unwrap_model
+from mlflow_best._tags import TAG
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient

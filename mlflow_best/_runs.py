@@ -68,7 +68,7 @@ def runs(
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
-    from mlflow_best._registry import TAG
+    from mlflow_best._tags import TAG
 
     if experiment is not None and all_experiments:
         raise ConfigError(

@@ -45,7 +45,7 @@ from mlflow_best._recipe import (
     load_model_state,
     model_recipe,
 )
-from mlflow_best._registry import TAG, Publisher, alias_holder
+from mlflow_best._registry import Publisher, alias_holder
 from mlflow_best._replay import sync_staging
 from mlflow_best._resume import earlier_points, warn_relogged
 from mlflow_best._staging import (
@@ -62,6 +62,7 @@ from mlflow_best._staging import (
     write_run_file,
 )
 from mlflow_best._state import SnapshotPool, capture_rng, to_plain, unwrap_model
+from mlflow_best._tags import TAG
 from mlflow_best._version import __version__
 from mlflow_best._writer import Pipeline
 

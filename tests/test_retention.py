@@ -14,8 +14,8 @@ from mlflow import MlflowClient
 import mlflow_best
 from mlflow_best import ConfigError, _registry
 from mlflow_best._criterion import Mode
-from mlflow_best._registry import V_MODEL_ID, V_PRUNED
 from mlflow_best._retention import Candidate, aliases_of, to_prune
+from mlflow_best._tags import V_MODEL_ID, V_PRUNED
 from tests.helpers import run_sequence, unique
 
 

@@ -107,6 +107,14 @@ def test_a_command_that_needs_mlflow_still_imports_it(tmp_path: Path) -> None:
     assert "mlflow" in _imported(done.stderr)
 
 
+def test_the_runs_table_needs_mlflow_but_not_torch(sqlite_uri: str) -> None:
+    """`mlflow-best runs` and `mlflow_best.runs()` read tags only: torch and the checkpoint format stay out."""
+    done = _python("-X", "importtime", "-m", "mlflow_best", "runs", "--tracking-uri", sqlite_uri)
+    assert done.returncode == 0, done.stderr[-2000:]
+    imported = _imported(done.stderr)
+    assert "mlflow" in imported and "torch" not in imported
+
+
 # -- MLflow's naming rules, restated in _config so that checking a name needs no MLflow ------------
 NAMES = [
     "val_loss", "val/loss", "a.b", "a b", "a:b", "a-b", "acc@1", "../x", "./x", "x/../y", "/abs", "a//b",
