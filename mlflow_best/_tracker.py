@@ -23,10 +23,9 @@ from mlflow_best import _errors
 from mlflow_best import _lease as lease
 from mlflow_best import _lifecycle as lifecycle
 from mlflow_best import _training as training
-from mlflow_best._checkpoint import CheckpointId
+from mlflow_best._checkpointer import Checkpointer
 from mlflow_best._config import TrackConfig
 from mlflow_best._errors import (
-    CheckpointError,
     ConfigError,
     MetricError,
     MlflowBestError,
@@ -39,11 +38,9 @@ from mlflow_best._plot import EpochPoint, plot_filename, render_metric_plot
 from mlflow_best._pyfunc import ModelFiles
 from mlflow_best._reach import bounded_http, probe
 from mlflow_best._recipe import (
-    OptimizerRecipe,
     check_model_recipe,
     class_path,
     load_model_state,
-    model_recipe,
 )
 from mlflow_best._registry import Publisher, alias_holder
 from mlflow_best._replay import sync_staging
@@ -61,7 +58,7 @@ from mlflow_best._staging import (
     sweep,
     write_run_file,
 )
-from mlflow_best._state import SnapshotPool, capture_rng, to_plain, unwrap_model
+from mlflow_best._state import capture_rng, to_plain, unwrap_model
 from mlflow_best._tags import TAG
 from mlflow_best._version import __version__
 from mlflow_best._writer import Pipeline
@@ -124,7 +121,6 @@ class Run:
         self._model_files = ModelFiles.for_run(unwrap_model(model), input_example, code_paths)
         self.model = model
         self.optimizer = optimizer
-        self._optimizer_recipe = OptimizerRecipe(model)
         self.scheduler = scheduler
         self.scaler = scaler
         self.generators = dict(generators or {})
@@ -140,7 +136,7 @@ class Run:
         self._last_metrics: dict[str, float] = {}
         self._last_saved_epoch: int | None = None
         self._pipeline: Pipeline | None = None
-        self._pool = SnapshotPool(slots=2)
+        self._checkpointer = Checkpointer(model, optimizer, scheduler, scaler, self.generators, config)
         self._client: MlflowClient | None = None
         self._fluent = False
         self._valid_keys: set[str] = set()
@@ -486,62 +482,8 @@ class Run:
 
     def _checkpoint(self, epoch: int, values: dict[str, float], kind: str, rngs: list[Any] | None) -> None:
         pipeline = self._require_pipeline()
-        cfg = self.config
-        value = values[cfg.monitor]
-        # Every "last" gets its own folder too: the upload of one may still be reading its files
-        # while the next one is written, and a shared folder would be replaced under it.
-        name = CheckpointId("best" if kind == "best" else "last", epoch, cfg.monitor, value).name
-        folder = self.staging_dir / "checkpoints" / name
-        try:
-            state = training.capture(
-                epoch, values, optimizer=self.optimizer, scheduler=self.scheduler, scaler=self.scaler,
-                generators=self.generators, rngs=rngs,
-            )
-            snapshot = self._pool.take(unwrap_model(self.model).state_dict(), state)
-        except Exception as e:
-            raise CheckpointError(
-                f"could not copy the training state of epoch {epoch} for its checkpoint ({type(e).__name__}: "
-                f"{str(e)[:200]}); run.best is unchanged. A model on the 'meta' device has no data to "
-                "save: move it to a real device (model.to_empty(device=...) and load weights) first"
-            ) from e
-        op = CheckpointOp(
-            seq=pipeline.journal.next_seq(),
-            epoch=epoch,
-            metrics=values,
-            timestamp_ms=_now_ms(),
-            kind="best" if kind == "best" else "last",
-            name=name,
-            value=value,
-            folder=str(folder),
-        )
-        pipeline.submit_checkpoint(op, snapshot, self._manifest_meta(epoch, value, values, kind))
+        self._checkpointer.take(pipeline, self.staging_dir, self.run_id, epoch, values, kind, rngs)
         self._last_saved_epoch = epoch
-
-    def _manifest_meta(self, epoch: int, value: float, values: dict[str, float], kind: str) -> dict[str, Any]:
-        import mlflow as _mlflow
-
-        net = unwrap_model(self.model)
-        opt = self.optimizer
-        return {
-            "kind": kind,
-            "epoch": epoch,
-            "monitor": self.config.monitor,
-            "mode": self.config.mode,
-            "value": value,
-            "metrics": values,
-            "run_id": self.run_id,
-            "model": model_recipe(net, self.config.model_factory, self.config.model_args),
-            "optimizer": None if opt is None else self._optimizer_recipe(opt),
-            "scheduler": None if self.scheduler is None else {"class": class_path(self.scheduler)},
-            "scaler": self.scaler is not None,
-            "versions": {
-                "mlflow_best": __version__,
-                "torch": torch.__version__,
-                "mlflow": _mlflow.__version__,
-                "python": sys.version.split()[0],
-            },
-            "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        }
 
     def _on_registered(self, op: CheckpointOp) -> None:
         if self.best.epoch == op.epoch:

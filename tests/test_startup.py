@@ -108,7 +108,7 @@ def test_a_command_that_needs_mlflow_still_imports_it(tmp_path: Path) -> None:
 
 
 def test_the_runs_table_needs_mlflow_but_not_torch(sqlite_uri: str) -> None:
-    """`mlflow-best runs` and `mlflow_best.runs()` read tags only: torch and the checkpoint format stay out."""
+    """`mlflow-best runs` reads tags only: torch and the checkpoint format stay out of it."""
     done = _python("-X", "importtime", "-m", "mlflow_best", "runs", "--tracking-uri", sqlite_uri)
     assert done.returncode == 0, done.stderr[-2000:]
     imported = _imported(done.stderr)
