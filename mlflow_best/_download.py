@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import re
 import shutil
 import uuid
 from pathlib import Path
@@ -30,8 +29,6 @@ from mlflow_best._signing import SIGNATURE_FILE
 if TYPE_CHECKING:
     from mlflow import MlflowClient
 
-RUN_FILE = "run.json"
-_RUN_ID = re.compile(r"^[0-9a-f]{32}$")
 
 
 # -- download cache ---------------------------------------------------------------------------------

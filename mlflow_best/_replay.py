@@ -26,6 +26,7 @@ from typing import Any, Literal
 from mlflow_best._errors import CheckpointError
 from mlflow_best._lease import LEASE_TAG
 from mlflow_best._staging import (
+    RUN_FILE,
     CheckpointOp,
     EndOp,
     Journal,
@@ -263,7 +264,7 @@ def sync_staging(
 
     from mlflow_best._staging import read_run_file, read_unsent
 
-    if not (staging / "run.json").is_file():
+    if not (staging / RUN_FILE).is_file():
         return Replayed()
     ops = read_unsent(staging)
     if not ops:
@@ -328,7 +329,7 @@ def sync(
 
     root = staging_root(staging_dir)
     staging = root / run_id
-    if not (staging / "run.json").is_file():
+    if not (staging / RUN_FILE).is_file():
         raise CheckpointNotFoundError(
             f"no staging folder for run {run_id} at {staging}; pass staging_dir= (CLI: --staging-dir) "
             "if track() used one"

@@ -35,7 +35,6 @@ from mlflow_best._tags import TAG, V_EPOCH, V_MODE, V_MODEL_ID, V_MONITOR, V_PRU
 if TYPE_CHECKING:
     from mlflow import MlflowClient
 
-RUN_FILE = "run.json"
 _RUN_ID = re.compile(r"^[0-9a-f]{32}$")
 
 

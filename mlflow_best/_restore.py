@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import re
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -44,8 +43,6 @@ from mlflow_best._tags import TAG
 if TYPE_CHECKING:
     from mlflow import MlflowClient
 
-RUN_FILE = "run.json"
-_RUN_ID = re.compile(r"^[0-9a-f]{32}$")
 
 
 @dataclass
