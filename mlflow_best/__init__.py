@@ -31,12 +31,13 @@ from mlflow_best._errors import (
 from mlflow_best._version import __version__
 
 if _typing.TYPE_CHECKING:
+    from mlflow_best._criterion import Best
     from mlflow_best._promote import Promotion, promote
     from mlflow_best._pyfunc import load_model
     from mlflow_best._replay import sync
     from mlflow_best._restore import Restored, restore
     from mlflow_best._runs import runs
-    from mlflow_best._tracker import Best, Run
+    from mlflow_best._tracker import Run
 
 __all__ = [
     "ArchitectureMismatchError",
@@ -63,7 +64,7 @@ __all__ = [
 
 # name -> the private module that defines it, imported when the name is first used
 _LAZY = {
-    "Best": "_tracker",
+    "Best": "_criterion",
     "Run": "_tracker",
     "Promotion": "_promote",
     "promote": "_promote",

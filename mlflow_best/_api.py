@@ -119,6 +119,7 @@ def track(
         verbose=verbose,
         offline_timeout=offline_timeout,
     )
+    _check_objects(model, optimizer, scheduler, scaler, generators)
     return Run(
         model,
         optimizer,
@@ -130,3 +131,20 @@ def track(
         input_example=input_example,
         code_paths=code_paths,
     )
+
+
+def _check_objects(model: Any, optimizer: Any, scheduler: Any, scaler: Any, generators: Any) -> None:
+    """The training objects are what ``track`` saves and restores: refused here when they cannot be."""
+    import torch
+
+    from mlflow_best._errors import ConfigError
+
+    if not isinstance(model, torch.nn.Module):
+        raise ConfigError(f"model={type(model).__name__} must be a torch.nn.Module")
+    if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
+        raise ConfigError(f"optimizer={type(optimizer).__name__} must be a torch.optim.Optimizer or None")
+    for name, obj in (("scheduler", scheduler), ("scaler", scaler)):
+        if obj is not None and not (hasattr(obj, "state_dict") and hasattr(obj, "load_state_dict")):
+            raise ConfigError(f"{name}={type(obj).__name__} has no state_dict/load_state_dict; pass None")
+    if generators is not None and not all(isinstance(g, torch.Generator) for g in generators.values()):
+        raise ConfigError("generators= must map names to torch.Generator objects, e.g. {'loader': g}")

@@ -1,4 +1,4 @@
-"""Did this epoch improve? A pure function of numbers: no MLflow, no filesystem."""
+"""Did this epoch improve, and is a checkpoint due? Pure functions of numbers: no MLflow, no filesystem."""
 
 from __future__ import annotations
 
@@ -54,3 +54,35 @@ class Criterion:
     def better(self, a: float, b: float) -> bool:
         """Return True when ``a`` is strictly better than ``b`` under this mode (no margin)."""
         return a < b if self.mode == "min" else a > b
+
+
+@dataclass
+class Best:
+    """The best epoch so far: its number, monitored value, and registered version once published."""
+
+    epoch: int | None = None
+    value: float | None = None
+    version: str | None = None
+    model_id: str | None = None
+
+
+def decide(
+    criterion: Criterion,
+    value: float,
+    best: float | None,
+    epoch: int,
+    last_saved: int | None,
+    save_last_every: int,
+) -> tuple[bool, bool]:
+    """``(improved, last_due)`` for one epoch: a best checkpoint, else a rolling "last" one when due.
+
+    ``last_saved`` is the epoch of the newest checkpoint of either kind (None: none yet);
+    ``save_last_every`` is 0 when no "last" checkpoints are kept.
+    """
+    improved = criterion.improves(value, best)
+    last_due = (
+        not improved
+        and save_last_every > 0
+        and (last_saved is None or epoch - last_saved >= save_last_every)
+    )
+    return improved, last_due

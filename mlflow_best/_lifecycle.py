@@ -228,7 +228,7 @@ def _log_new_params(client: MlflowClient, spec: RunSpec, run: Any, *, resumed: b
             "MLflow keeps a param's first value, so the run shows the old ones. If they change the "
             "training, start a new run instead; otherwise log them as tags",
             RuntimeWarning,
-            stacklevel=7,
+            stacklevel=9,
         )
     tags = {**spec.own_tags, LEASE_TAG: lease.value()} if resumed else {}
     client.log_batch(

@@ -1,15 +1,45 @@
-"""What a resumed run looks back at: its monitored history (for the plot) and epochs logged twice."""
+"""What a resumed run looks back at: its best so far, its newest checkpoint, its monitored history
+(for the plot) and epochs that will be logged twice."""
 
 from __future__ import annotations
 
 import warnings
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from mlflow_best._config import TrackConfig
+from mlflow_best._criterion import Best
 from mlflow_best._plot import EpochPoint
+from mlflow_best._tags import TAG
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
+
+
+def load_latest(client: MlflowClient, run_id: str) -> tuple[Best, tuple[Any, Any] | None]:
+    """The run's best so far (from its tags) and its newest checkpoint ``(model_state, training_state)``.
+
+    None for the checkpoint when the run has none yet (warned: the block starts at epoch 0).
+    """
+    from mlflow_best._restore import latest_checkpoint
+
+    tags = client.get_run(run_id).data.tags
+    best = Best()
+    if TAG + "best_value" in tags:
+        best = Best(
+            epoch=int(tags[TAG + "best_epoch"]),
+            value=float(tags[TAG + "best_value"]),
+            version=tags.get(TAG + "best_version"),
+            model_id=tags.get(TAG + "best_model_id"),
+        )
+    found = latest_checkpoint(client, run_id)
+    if found is None:
+        warnings.warn(
+            f"mlflow_best: run {run_id} has no checkpoint yet; resuming at epoch 0 with the "
+            "model and optimizer as given",
+            RuntimeWarning,
+            stacklevel=6,
+        )
+    return best, found
 
 
 def earlier_points(
@@ -50,5 +80,5 @@ def warn_relogged(run_id: str, start_epoch: int, logged_until: int | None, save_
         f"{epochs} already logged; they are trained and logged again (MLflow keeps both rows). "
         f"To avoid it, {fix}",
         RuntimeWarning,
-        stacklevel=5,
+        stacklevel=6,
     )

@@ -413,6 +413,9 @@ def test_resume_from_an_older_best_warns_naming_the_epochs_and_the_fix(sqlite_ur
             assert again.start_epoch == 2
     texts = [str(w.message) for w in caught]
     assert any("epochs 2-3 were already logged" in t and "save_last=True" in t for t in texts), texts
+    # Said at the user's `with` line, not inside the package.
+    relogged = next(w for w in caught if "already logged" in str(w.message))
+    assert relogged.filename == __file__, relogged.filename
     # The resume value in params is expected to change: no warning about it.
     assert not any("different values for params" in t for t in texts), texts
 
