@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
+import time
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -106,3 +108,76 @@ def launch_ranks(
             if p.poll() is None:
                 p.kill()
                 p.wait()
+
+
+# -- child training processes (the SIGKILL-and-resume tests) -------------------------------------
+def child_env(tracking_uri: str, home: Path, scores: list[float]) -> dict[str, str]:
+    """A child training script's environment: its store, its own MLFLOW_BEST_HOME, scripted scores."""
+    env = dict(os.environ)
+    env.update(
+        MLFLOW_TRACKING_URI=tracking_uri,
+        MLFLOW_BEST_HOME=str(home),
+        SCORES=repr(scores),
+        PYTHONPATH=os.pathsep.join([str(Path(__file__).resolve().parents[1]), env.get("PYTHONPATH", "")]),
+    )
+    env.pop("MLFLOW_RUN_ID", None)
+    return env
+
+
+def start_child(script: Path, args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
+    """``python script *args`` with its output in ``log``."""
+    with open(log, "wb") as f:
+        return subprocess.Popen(
+            [sys.executable, str(script), *args], env=env, stdout=f, stderr=subprocess.STDOUT
+        )
+
+
+def finish_child(proc: subprocess.Popen[bytes], log: Path, timeout: float = 180) -> None:
+    """Wait for the child; fail with the end of its log unless it exited 0."""
+    rc = proc.wait(timeout=timeout)
+    assert rc == 0, f"child exited with {rc}:\n{log.read_text(errors='replace')[-4000:]}"
+
+
+def wait_for(
+    condition: Callable[[], bool], proc: subprocess.Popen[bytes], log: Path, what: str, *, poll: float = 0.2
+) -> None:
+    """Until ``condition()`` holds; fails with the end of the child's log if it exits or 180 s pass."""
+    import pytest
+
+    deadline = time.monotonic() + 180
+    while not condition():
+        if proc.poll() is not None:
+            pytest.fail(
+                f"child exited ({proc.returncode}) before {what}:\n{log.read_text(errors='replace')[-4000:]}"
+            )
+        if time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail(f"timed out waiting for {what}:\n{log.read_text(errors='replace')[-4000:]}")
+        time.sleep(poll)
+
+
+def assert_identical(a: Any, b: Any, path: str = "") -> int:
+    """torch.equal on every tensor of two nested states; equal plain values elsewhere. Returns the count."""
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor), path
+        assert a.dtype == b.dtype and a.shape == b.shape, path
+        assert torch.equal(a, b), f"{path} differs (max abs diff {(a.double() - b.double()).abs().max()})"
+        return 1
+    if isinstance(a, dict):
+        assert isinstance(b, dict) and set(a) == set(b), path
+        return sum(assert_identical(a[k], b[k], f"{path}/{k}") for k in a)
+    if isinstance(a, (list, tuple)):
+        assert isinstance(b, (list, tuple)) and len(a) == len(b), path
+        return sum(assert_identical(x, y, f"{path}/{i}") for i, (x, y) in enumerate(zip(a, b, strict=True)))
+    assert a == b, f"{path}: {a!r} != {b!r}"
+    return 0
+
+
+
+def sigkill_when(
+    condition: Callable[[], bool], proc: subprocess.Popen[bytes], log: Path, what: str, *, poll: float = 0.2
+) -> None:
+    """SIGKILL the child as soon as ``condition()`` holds (see ``wait_for``), and check it died of it."""
+    wait_for(condition, proc, log, what, poll=poll)
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait(timeout=30) == -signal.SIGKILL

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import signal
 import textwrap
 from pathlib import Path
 from typing import Any
@@ -17,8 +16,15 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import mlflow_best
 from mlflow_best.lightning import TrackCallback
-from tests.helpers import unique
-from tests.test_resume import _assert_identical, _child_env, _finish, _start, _wait_for
+from tests.helpers import (
+    assert_identical,
+    child_env,
+    finish_child,
+    sigkill_when,
+    start_child,
+    unique,
+    wait_for,
+)
 
 TAG = "mlflow_best."
 
@@ -129,15 +135,15 @@ def test_versions_on_the_improving_epochs_alias_on_the_best_and_restore_equals_i
     restored = mlflow_best.restore(run.run_id)
     assert isinstance(restored.model, Scripted) and restored.epoch == 3
     assert restored.metrics["score"] == 0.5
-    _assert_identical(snapshots.states[3]["model"], restored.model.state_dict())
+    assert_identical(snapshots.states[3]["model"], restored.model.state_dict())
     assert restored.optimizer is not None
-    _assert_identical(snapshots.states[3]["optimizer"], restored.optimizer.state_dict())
+    assert_identical(snapshots.states[3]["optimizer"], restored.optimizer.state_dict())
     # The scheduler state is the one after the epoch's step: 4 epochs done, lr halved 4 times.
     assert restored.training_state["scheduler"]["last_epoch"] == 4
     assert restored.training_state["scheduler"]["_last_lr"] == [pytest.approx(0.02 / 16)]
 
     best = mlflow_best.restore(f"models:/{name}@best", model=Scripted([0.0] * 4))
-    _assert_identical(snapshots.states[3]["model"], best.model.state_dict())
+    assert_identical(snapshots.states[3]["model"], best.model.state_dict())
 
 
 def test_a_fit_that_raises_ends_the_run_failed_and_keeps_the_best(sqlite_uri: str) -> None:
@@ -154,7 +160,7 @@ def test_a_fit_that_raises_ends_the_run_failed_and_keeps_the_best(sqlite_uri: st
     assert _versions(client, name) == [("1", "0", "1.0"), ("2", "1", "0.75")]
     best = mlflow_best.restore(f"models:/{name}@best", model=Scripted([0.0] * 4))
     assert best.epoch == 1
-    _assert_identical(snapshots.states[1]["model"], best.model.state_dict())
+    assert_identical(snapshots.states[1]["model"], best.model.state_dict())
 
 
 class Interrupt(pl.Callback):
@@ -280,22 +286,22 @@ def test_a_sigkilled_fit_resumed_with_resume_equals_a_straight_fit(
     script = tmp_path / "fit.py"
     script.write_text(LIGHTNING_SCRIPT)
     straight_log = tmp_path / "straight.log"
-    straight = _start(
+    straight = start_child(
         script,
         ["full", str(2 * n), "-1", str(tmp_path / "straight.pt")],
-        _child_env(new_sqlite_store(_sqlite_template, tmp_path / "straight"), tmp_path / "h1", scores),
+        child_env(new_sqlite_store(_sqlite_template, tmp_path / "straight"), tmp_path / "h1", scores),
         straight_log,
     )
     first_log = tmp_path / "first.log"
-    first = _start(
+    first = start_child(
         script,
         ["first", str(2 * n), str(n), str(tmp_path / "first.pt")],
-        _child_env(sqlite_uri, tmp_path / "h2", scores),
+        child_env(sqlite_uri, tmp_path / "h2", scores),
         first_log,
     )
     client = MlflowClient(sqlite_uri)
     try:
-        _wait_for(lambda: "READY" in first_log.read_text(errors="replace"), first, first_log, "READY")
+        wait_for(lambda: "READY" in first_log.read_text(errors="replace"), first, first_log, "READY")
         experiment = client.get_experiment_by_name("resume")
         assert experiment is not None
         (run_id,) = [r.info.run_id for r in client.search_runs([experiment.experiment_id])]
@@ -303,29 +309,27 @@ def test_a_sigkilled_fit_resumed_with_resume_equals_a_straight_fit(
         def checkpoint_of_epoch_before_the_kill_is_in_mlflow() -> bool:
             return client.get_run(run_id).data.tags.get(TAG + "last_epoch") == str(n - 1)
 
-        _wait_for(checkpoint_of_epoch_before_the_kill_is_in_mlflow, first, first_log, f"epoch {n - 1}")
-        first.send_signal(signal.SIGKILL)
-        assert first.wait(timeout=30) == -signal.SIGKILL
+        sigkill_when(checkpoint_of_epoch_before_the_kill_is_in_mlflow, first, first_log, f"epoch {n - 1}")
     finally:
         if first.poll() is None:
             first.kill()
     assert client.get_run(run_id).info.status == "RUNNING"
 
     resumed_log = tmp_path / "resumed.log"
-    resumed = _start(
+    resumed = start_child(
         script,
         ["resume", str(2 * n), "-1", str(tmp_path / "resumed.pt"), run_id],
-        _child_env(sqlite_uri, tmp_path / "h3", scores),
+        child_env(sqlite_uri, tmp_path / "h3", scores),
         resumed_log,
     )
-    _finish(resumed, resumed_log)
-    _finish(straight, straight_log)
+    finish_child(resumed, resumed_log)
+    finish_child(straight, straight_log)
 
     a = torch.load(tmp_path / "straight.pt", weights_only=True)
     b = torch.load(tmp_path / "resumed.pt", weights_only=True)
     assert (a["start_epoch"], b["start_epoch"]) == (0, n)
     assert a["current_epoch"] == b["current_epoch"] == 2 * n
-    counted = sum(_assert_identical(a[k], b[k], k) for k in ("model", "optimizer", "scheduler", "torch_rng"))
+    counted = sum(assert_identical(a[k], b[k], k) for k in ("model", "optimizer", "scheduler", "torch_rng"))
     assert counted == 4 + 4 * 3 + 1  # 4 weights; AdamW step, exp_avg, exp_avg_sq of each; the RNG
     assert (a["numpy_next"], a["python_next"]) == (b["numpy_next"], b["python_next"])
     assert a["scheduler"]["_last_lr"] == [pytest.approx(1e-2 / 4)]

@@ -2,13 +2,8 @@
 
 from __future__ import annotations
 
-import os
 import random
-import signal
-import subprocess
-import sys
 import textwrap
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -21,7 +16,16 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import mlflow_best
-from tests.helpers import TinyNet, unique
+from tests.helpers import (
+    TinyNet,
+    assert_identical,
+    child_env,
+    finish_child,
+    sigkill_when,
+    start_child,
+    unique,
+    wait_for,
+)
 
 TAG = "mlflow_best."
 
@@ -108,60 +112,6 @@ TRAIN_SCRIPT = textwrap.dedent(
 )
 
 
-def _child_env(tracking_uri: str, home: Path, scores: list[float]) -> dict[str, str]:
-    env = dict(os.environ)
-    env.update(
-        MLFLOW_TRACKING_URI=tracking_uri,
-        MLFLOW_BEST_HOME=str(home),
-        SCORES=repr(scores),
-        PYTHONPATH=os.pathsep.join([str(Path(__file__).resolve().parents[1]), env.get("PYTHONPATH", "")]),
-    )
-    env.pop("MLFLOW_RUN_ID", None)
-    return env
-
-
-def _start(script: Path, args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
-    with open(log, "wb") as f:
-        return subprocess.Popen(
-            [sys.executable, str(script), *args], env=env, stdout=f, stderr=subprocess.STDOUT
-        )
-
-
-def _finish(proc: subprocess.Popen[bytes], log: Path, timeout: float = 180) -> None:
-    rc = proc.wait(timeout=timeout)
-    assert rc == 0, f"child exited with {rc}:\n{log.read_text(errors='replace')[-4000:]}"
-
-
-def _wait_for(condition: Callable[[], bool], proc: subprocess.Popen[bytes], log: Path, what: str) -> None:
-    deadline = time.monotonic() + 180
-    while not condition():
-        if proc.poll() is not None:
-            pytest.fail(
-                f"child exited ({proc.returncode}) before {what}:\n{log.read_text(errors='replace')[-4000:]}"
-            )
-        if time.monotonic() > deadline:
-            proc.kill()
-            pytest.fail(f"timed out waiting for {what}:\n{log.read_text(errors='replace')[-4000:]}")
-        time.sleep(0.2)
-
-
-def _assert_identical(a: Any, b: Any, path: str = "") -> int:
-    """torch.equal on every tensor of two nested states; equal plain values elsewhere. Returns the count."""
-    if isinstance(a, torch.Tensor):
-        assert isinstance(b, torch.Tensor), path
-        assert a.dtype == b.dtype and a.shape == b.shape, path
-        assert torch.equal(a, b), f"{path} differs (max abs diff {(a.double() - b.double()).abs().max()})"
-        return 1
-    if isinstance(a, dict):
-        assert isinstance(b, dict) and set(a) == set(b), path
-        return sum(_assert_identical(a[k], b[k], f"{path}/{k}") for k in a)
-    if isinstance(a, (list, tuple)):
-        assert isinstance(b, (list, tuple)) and len(a) == len(b), path
-        return sum(_assert_identical(x, y, f"{path}/{i}") for i, (x, y) in enumerate(zip(a, b, strict=True)))
-    assert a == b, f"{path}: {a!r} != {b!r}"
-    return 0
-
-
 @pytest.mark.slow
 def test_sigkill_and_resume_is_bit_identical_to_training_in_one_go(
     sqlite_uri: str, tmp_path: Path, _sqlite_template: Path
@@ -177,32 +127,30 @@ def test_sigkill_and_resume_is_bit_identical_to_training_in_one_go(
     # The uninterrupted run has its own store, so it runs while the first half is trained and killed.
     straight_uri = new_sqlite_store(_sqlite_template, tmp_path / "straight")
     straight_log = tmp_path / "straight.log"
-    straight = _start(
+    straight = start_child(
         script,
         ["full", str(2 * n), str(tmp_path / "straight.pt")],
-        _child_env(straight_uri, tmp_path / "home-straight", scores),
+        child_env(straight_uri, tmp_path / "home-straight", scores),
         straight_log,
     )
     first_log = tmp_path / "first.log"
-    first = _start(
+    first = start_child(
         script,
         ["first", str(n), str(tmp_path / "first.pt")],
-        _child_env(sqlite_uri, tmp_path / "home-first", scores),
+        child_env(sqlite_uri, tmp_path / "home-first", scores),
         first_log,
     )
     client = MlflowClient(sqlite_uri)
     try:
-        _wait_for(lambda: "READY" in first_log.read_text(errors="replace"), first, first_log, "READY")
+        wait_for(lambda: "READY" in first_log.read_text(errors="replace"), first, first_log, "READY")
         run_id = (tmp_path / "first.pt.run").read_text().strip()
 
         def last_checkpoint_of_first_half_is_in_mlflow() -> bool:
             return client.get_run(run_id).data.tags.get(TAG + "last_epoch") == str(n - 1)
 
-        _wait_for(
+        sigkill_when(
             last_checkpoint_of_first_half_is_in_mlflow, first, first_log, f"the checkpoint of epoch {n - 1}"
         )
-        first.send_signal(signal.SIGKILL)
-        assert first.wait(timeout=30) == -signal.SIGKILL
     finally:
         if first.poll() is None:
             first.kill()
@@ -212,20 +160,20 @@ def test_sigkill_and_resume_is_bit_identical_to_training_in_one_go(
 
     # A fresh MLFLOW_BEST_HOME: the resume reads the checkpoint from MLflow, not from a local copy.
     resumed_log = tmp_path / "resumed.log"
-    resumed = _start(
+    resumed = start_child(
         script,
         ["resume", str(2 * n), str(tmp_path / "resumed.pt"), run_id],
-        _child_env(sqlite_uri, tmp_path / "home-resumed", scores),
+        child_env(sqlite_uri, tmp_path / "home-resumed", scores),
         resumed_log,
     )
-    _finish(resumed, resumed_log)
-    _finish(straight, straight_log)
+    finish_child(resumed, resumed_log)
+    finish_child(straight, straight_log)
 
     a = torch.load(tmp_path / "straight.pt", weights_only=True)
     b = torch.load(tmp_path / "resumed.pt", weights_only=True)
     assert (a["start_epoch"], b["start_epoch"]) == (0, n)
     counted = sum(
-        _assert_identical(a[key], b[key], key)
+        assert_identical(a[key], b[key], key)
         for key in ("model", "optimizer", "scheduler", "scaler", "torch_rng", "loader_rng")
     )
     assert counted == 4 + 4 * 3 + 2  # 4 weights; AdamW step, exp_avg, exp_avg_sq of each; 2 RNG states
@@ -254,20 +202,20 @@ def test_sigkill_mid_pipeline_and_resume_is_bit_identical_to_training_in_one_go(
     script.write_text(TRAIN_SCRIPT)
     straight_uri = new_sqlite_store(_sqlite_template, tmp_path / "straight")
     straight_log = tmp_path / "straight.log"
-    straight = _start(
+    straight = start_child(
         script,
         ["full", str(epochs), str(tmp_path / "straight.pt")],
-        _child_env(straight_uri, tmp_path / "home-straight", scores),
+        child_env(straight_uri, tmp_path / "home-straight", scores),
         straight_log,
     )
     home = tmp_path / "home-mid"
     first_log = tmp_path / "first.log"
-    env = _child_env(sqlite_uri, home, scores)
-    first = _start(script, ["mid", str(epochs), str(tmp_path / "first.pt")], env, first_log)
+    env = child_env(sqlite_uri, home, scores)
+    first = start_child(script, ["mid", str(epochs), str(tmp_path / "first.pt")], env, first_log)
     client = MlflowClient(sqlite_uri)
     try:
-        _wait_for(lambda: (tmp_path / "first.pt.run").is_file(), first, first_log, "the run to start")
-        _wait_for(lambda: (tmp_path / "first.pt.run").read_text().strip() != "", first, first_log, "its id")
+        wait_for(lambda: (tmp_path / "first.pt.run").is_file(), first, first_log, "the run to start")
+        wait_for(lambda: (tmp_path / "first.pt.run").read_text().strip() != "", first, first_log, "its id")
         run_id = (tmp_path / "first.pt.run").read_text().strip()
         staging = home / "runs" / run_id
 
@@ -283,12 +231,7 @@ def test_sigkill_mid_pipeline_and_resume_is_bit_identical_to_training_in_one_go(
             # Aimed where a resume has most to get right: a checkpoint written whole, not yet uploaded.
             return in_mlflow and any(_whole(verify_checkpoint, Path(op.folder)) for op in pending)
 
-        deadline = time.monotonic() + 180
-        while not mid_pipeline():
-            assert first.poll() is None and time.monotonic() < deadline, first_log.read_text()[-3000:]
-            time.sleep(0.01)
-        first.send_signal(signal.SIGKILL)
-        assert first.wait(timeout=30) == -signal.SIGKILL
+        sigkill_when(mid_pipeline, first, first_log, "a checkpoint whole but not uploaded", poll=0.01)
     finally:
         if first.poll() is None:
             first.kill()
@@ -308,19 +251,19 @@ def test_sigkill_mid_pipeline_and_resume_is_bit_identical_to_training_in_one_go(
     )
 
     resumed_log = tmp_path / "resumed.log"
-    resumed = _start(
+    resumed = start_child(
         script,
         ["resume", str(epochs), str(tmp_path / "resumed.pt"), run_id],
-        _child_env(sqlite_uri, home, scores),
+        child_env(sqlite_uri, home, scores),
         resumed_log,
     )
-    _finish(resumed, resumed_log)
-    _finish(straight, straight_log)
+    finish_child(resumed, resumed_log)
+    finish_child(straight, straight_log)
     a = torch.load(tmp_path / "straight.pt", weights_only=True)
     b = torch.load(tmp_path / "resumed.pt", weights_only=True)
     assert b["start_epoch"] == newest + 1  # after the newest whole checkpoint, the replayed ones included
     for key in ("model", "optimizer", "scheduler", "scaler", "torch_rng", "loader_rng"):
-        _assert_identical(a[key], b[key], key)
+        assert_identical(a[key], b[key], key)
     assert (a["numpy_next"], a["python_next"]) == (b["numpy_next"], b["python_next"])
     run = client.get_run(run_id)
     assert run.info.status == "FINISHED"
@@ -436,7 +379,7 @@ def test_an_exception_saves_the_last_state_and_resume_is_exact(
         for epoch in range(resumed.start_epoch, len(SCORES)):
             t.epoch()
             resumed.log_epoch(epoch, {"val_loss": SCORES[epoch]})
-    _assert_identical(expected, t.state())
+    assert_identical(expected, t.state())
     assert client.get_run(run.run_id).info.status == "FINISHED"
 
 
@@ -461,11 +404,11 @@ def test_a_crash_mid_epoch_resumes_from_the_state_at_the_crash_only_with_save_la
         # with the last completed epoch: the resume re-runs the interrupted epoch from there.
         assert tags[TAG + "last_epoch"] == "1"
         assert resumed.start_epoch == 2
-        _assert_identical(at_crash, now)
+        assert_identical(at_crash, now)
     else:
         assert TAG + "last_epoch" not in tags  # off by default: nothing is written at the crash
         assert resumed.start_epoch == 1
-        _assert_identical(at_best["model"], now["model"])
+        assert_identical(at_best["model"], now["model"])
 
 
 def _weights(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -497,7 +440,7 @@ def test_save_last_every_n_epochs_keeps_one_rolling_unregistered_checkpoint(sqli
         model, torch.optim.Adam(model.parameters(), lr=0.01), resume=run.run_id, save_last=3
     ) as resumed:
         assert resumed.start_epoch == 7  # a crash after epoch 7 loses at most save_last epochs
-        _assert_identical(snaps[6], _weights(model))
+        assert_identical(snaps[6], _weights(model))
 
 
 def test_resume_takes_a_best_checkpoint_newer_than_the_last_one(sqlite_uri: str) -> None:
@@ -513,7 +456,7 @@ def test_resume_takes_a_best_checkpoint_newer_than_the_last_one(sqlite_uri: str)
     model = TinyNet()
     with mlflow_best.track(model, None, resume=run.run_id) as resumed:
         assert resumed.start_epoch == 5
-        _assert_identical(snaps[4], _weights(model))
+        assert_identical(snaps[4], _weights(model))
 
 
 def test_save_last_is_off_by_default(sqlite_uri: str) -> None:

@@ -6,7 +6,6 @@ Nothing is downloaded: the model is made from ``BertConfig`` in the test and the
 from __future__ import annotations
 
 import os
-import signal
 import textwrap
 import warnings
 from pathlib import Path
@@ -29,8 +28,15 @@ from transformers import (
 
 import mlflow_best
 from mlflow_best.transformers import TrackCallback, from_config
-from tests.helpers import unique
-from tests.test_resume import _assert_identical, _child_env, _finish, _start, _wait_for
+from tests.helpers import (
+    assert_identical,
+    child_env,
+    finish_child,
+    sigkill_when,
+    start_child,
+    unique,
+    wait_for,
+)
 
 
 @pytest.fixture(autouse=True)
@@ -149,7 +155,7 @@ def test_versions_on_improvements_of_eval_loss_and_restore_rebuilds_the_model_fr
     assert restored.model.config.hidden_size == 16
     assert restored.epoch == improving[-1]
     assert restored.manifest["model"]["factory"] == "mlflow_best.transformers:from_config"
-    _assert_identical(snapshots.states[improving[-1]], restored.model.state_dict())
+    assert_identical(snapshots.states[improving[-1]], restored.model.state_dict())
     # The Trainer's AdamW has two parameter groups (decay / no decay); both come back.
     assert restored.optimizer is not None
     assert [g["weight_decay"] for g in restored.optimizer.param_groups] == [0.01, 0.0]
@@ -294,20 +300,20 @@ def test_a_sigkilled_train_resumed_with_checkpoint_for_equals_a_straight_train(
     script = tmp_path / "train.py"
     script.write_text(HF_SCRIPT)
     straight_log = tmp_path / "straight.log"
-    straight = _start(
+    straight = start_child(
         script,
         ["full", str(tmp_path / "straight.pt"), str(tmp_path / "o1")],
-        _child_env(new_sqlite_store(_sqlite_template, tmp_path / "straight"), tmp_path / "h1", []),
+        child_env(new_sqlite_store(_sqlite_template, tmp_path / "straight"), tmp_path / "h1", []),
         straight_log,
     )
     first_log = tmp_path / "first.log"
-    first = _start(
+    first = start_child(
         script, ["first", str(tmp_path / "first.pt"), str(tmp_path / "o2")],
-        _child_env(sqlite_uri, tmp_path / "h2", []), first_log,
+        child_env(sqlite_uri, tmp_path / "h2", []), first_log,
     )
     client = MlflowClient(sqlite_uri)
     try:
-        _wait_for(lambda: "READY" in first_log.read_text(errors="replace"), first, first_log, "READY")
+        wait_for(lambda: "READY" in first_log.read_text(errors="replace"), first, first_log, "READY")
         experiment = client.get_experiment_by_name("resume")
         assert experiment is not None
         (run_id,) = [r.info.run_id for r in client.search_runs([experiment.experiment_id])]
@@ -316,27 +322,25 @@ def test_a_sigkilled_train_resumed_with_checkpoint_for_equals_a_straight_train(
             tags = client.get_run(run_id).data.tags
             return "1" in (tags.get("mlflow_best.last_epoch"), tags.get("mlflow_best.best_epoch"))
 
-        _wait_for(epoch_1_is_in_mlflow, first, first_log, "epoch 1")
-        first.send_signal(signal.SIGKILL)
-        assert first.wait(timeout=30) == -signal.SIGKILL
+        sigkill_when(epoch_1_is_in_mlflow, first, first_log, "epoch 1")
     finally:
         if first.poll() is None:
             first.kill()
     assert client.get_run(run_id).info.status == "RUNNING"
 
     resumed_log = tmp_path / "resumed.log"
-    resumed = _start(
+    resumed = start_child(
         script, ["resume", str(tmp_path / "resumed.pt"), str(tmp_path / "o3"), run_id],
-        _child_env(sqlite_uri, tmp_path / "h3", []), resumed_log,
+        child_env(sqlite_uri, tmp_path / "h3", []), resumed_log,
     )
-    _finish(resumed, resumed_log, timeout=300)
-    _finish(straight, straight_log, timeout=300)
+    finish_child(resumed, resumed_log, timeout=300)
+    finish_child(straight, straight_log, timeout=300)
 
     a = torch.load(tmp_path / "straight.pt", weights_only=True)
     b = torch.load(tmp_path / "resumed.pt", weights_only=True)
     assert (a["start_epoch"], b["start_epoch"]) == (0, 2)
     assert a["global_step"] == b["global_step"] == 16  # 4 epochs of 4 batches
-    counted = sum(_assert_identical(a[k], b[k], k) for k in ("model", "optimizer", "scheduler", "torch_rng"))
+    counted = sum(assert_identical(a[k], b[k], k) for k in ("model", "optimizer", "scheduler", "torch_rng"))
     assert counted > 2 * len(a["model"])
     run = client.get_run(run_id)
     assert run.info.status == "FINISHED"
