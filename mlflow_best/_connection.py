@@ -14,7 +14,7 @@ import os
 import tempfile
 import uuid
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -68,7 +68,7 @@ class Connection:
     pipeline: Pipeline
     same_store: bool
     # What the block changed for the process (MLflow's HTTP settings, the staging lock), put back at the end.
-    scope: contextlib.ExitStack = field(default_factory=contextlib.ExitStack)
+    scope: contextlib.ExitStack
     fluent: bool = False
 
     @property

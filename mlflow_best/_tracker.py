@@ -85,7 +85,6 @@ class Run:
         self._last_saved_epoch: int | None = None
         self._checkpointer = Checkpointer(model, optimizer, scheduler, scaler, self.generators, config)
         self._conn: Connection | None = None
-        self._pipeline: Pipeline | None = None
         self._valid_keys: set[str] = set()
         self._entered = self._closed = False
         self._t_enter = self._t_epoch = time.monotonic()
@@ -105,7 +104,7 @@ class Run:
         cfg = self.config
         conn = open_connection(cfg, run_params(self.model, self.optimizer, self.scheduler, cfg),
                                self._model_files, self._on_registered)
-        self._conn, self._pipeline = conn, conn.pipeline
+        self._conn = conn
         self.run_id, self.experiment_id = conn.run_id, conn.experiment_id
         self.tracking_uri, self.staging_dir = conn.tracking_uri, conn.staging_dir
         try:
@@ -216,6 +215,10 @@ class Run:
             self.history.append(EpochPoint(epoch, value, bool(improved)))
             self._print_epoch(epoch, values, previous, bool(improved), bool(last_due))
         return bool(improved)
+
+    @property
+    def _pipeline(self) -> Pipeline | None:
+        return None if self._conn is None else self._conn.pipeline
 
     def _emit_notices(self) -> None:
         """Warnings the background threads collected, emitted here in the training thread."""
