@@ -32,6 +32,7 @@ from mlflow_best._tags import (
     V_SHA,
     V_VALUE,
 )
+from mlflow_best._upload import upload_folder
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -59,14 +60,18 @@ def is_missing(error: MlflowException) -> bool:
     return error.error_code == "INVALID_PARAMETER_VALUE" and "not found" in error.message.lower()
 
 
-def link_version(client: MlflowClient, model_id: str, name: str, version: str) -> None:
+def link_version(
+    client: MlflowClient, model_id: str, name: str, version: str, tags: dict[str, str] | None = None
+) -> None:
     """Tag the LoggedModel with its version the way ``mlflow.register_model`` does, so the UI shows it
     registered (``mlflow.modelVersions``, a JSON list of ``{"name", "version"}``); idempotent.
 
     ``create_model_version`` writes that tag through a tracking server but not on a database store;
-    an entry already there (any spelling of the version) is kept, not repeated.
+    an entry already there (any spelling of the version) is kept, not repeated. ``tags``: the
+    LoggedModel's tags when the caller knows them (it just created the model): saves reading them.
     """
-    tags = client.get_logged_model(model_id).tags or {}
+    if tags is None:
+        tags = client.get_logged_model(model_id).tags or {}
     try:
         linked = json.loads(tags.get(MODEL_VERSIONS_TAG) or "[]")
     except ValueError:
@@ -82,21 +87,20 @@ def link_version(client: MlflowClient, model_id: str, name: str, version: str) -
 
 
 def ensure_registered_model(client: MlflowClient, name: str) -> None:
-    """Create the registered model if it does not exist (safe against a concurrent creator)."""
+    """Create the registered model if it does not exist (safe against a concurrent creator).
+
+    One call whether or not it exists: creating first and reading "already exists" as success costs
+    what a lookup costs, and saves the lookup when the model is new.
+    """
     from mlflow.exceptions import MlflowException
 
     try:
-        client.get_registered_model(name)
+        client.create_registered_model(
+            name, tags={TAG + "managed": "true"}, description="Checkpoints kept by mlflow_best.track"
+        )
     except MlflowException as e:
-        if not is_missing(e):
+        if e.error_code != "RESOURCE_ALREADY_EXISTS":
             raise
-        try:
-            client.create_registered_model(
-                name, tags={TAG + "managed": "true"}, description="Checkpoints kept by mlflow_best.track"
-            )
-        except MlflowException as e2:
-            if e2.error_code != "RESOURCE_ALREADY_EXISTS":
-                raise
 
 
 def best_version(client: MlflowClient, name: str, monitor: str, criterion: Criterion) -> Any | None:
@@ -181,26 +185,37 @@ _JITTER = random.Random()
 
 
 def move_alias_to_best(
-    client: MlflowClient, name: str, alias: str, monitor: str, criterion: Criterion
+    client: MlflowClient, name: str, alias: str, monitor: str, criterion: Criterion, mine: str | None = None
 ) -> str | None:
     """Point ``alias`` at the best version of ``name`` across all runs; return that version.
 
     Re-reading all versions (instead of comparing with the holder only) makes concurrent writers
-    converge: a writer returns only once it has *read* the alias on the best version it can see,
-    after its own version exists, so a stale write by another process is always followed by that
-    process's own check, which repairs it.
+    converge. A writer returns only when (a) it *read* the alias on the best version it can see, or
+    (b) its own write of the alias is followed by a search that still finds that version best. In
+    (b) a stale write by another process after ours is followed by that process's own search, which
+    sees our version (it existed before our write) and repairs the alias.
+
+    ``mine``: the version this call just registered. When the search finds it best, the alias is
+    set without reading its holder first (that read could only say "move it"): three calls for a
+    new best (search, set, search), two for a version that is not (search, read holder).
     """
     from mlflow.exceptions import MlflowException
 
+    written: str | None = None
     for attempt in range(_ALIAS_ATTEMPTS):
         best = best_version(client, name, monitor, criterion)
         if best is None:
             return None
         target = str(best.version)
-        found = alias_holder(client, name, alias)
-        holder = None if found is None else str(found.version)
-        if holder == target:
+        if target == written:
             return target
+        if written is not None:
+            # Another writer's version turned up between our write and our check: not in lockstep.
+            time.sleep(_JITTER.uniform(0.01, 0.05 * attempt))
+        if target != mine or written is not None:
+            found = alias_holder(client, name, alias)
+            if found is not None and str(found.version) == target:
+                return target
         try:
             client.set_registered_model_alias(name, alias, target)
         except MlflowException as e:
@@ -208,8 +223,9 @@ def move_alias_to_best(
             # insert (PostgreSQL: UniqueViolation, sent as BAD_REQUEST). Re-read instead of failing.
             if not _is_duplicate(e):
                 raise
-        # Jittered, so writers that collided do not collide again in lockstep.
-        time.sleep(_JITTER.uniform(0.01, 0.05 * (attempt + 1)))
+            time.sleep(_JITTER.uniform(0.01, 0.05 * (attempt + 1)))
+            continue
+        written = target
     raise MlflowException(
         f"alias {alias!r} of registered model {name!r} kept moving during {_ALIAS_ATTEMPTS} attempts to "
         "point it at the best version; the upload is retried"
@@ -276,8 +292,16 @@ class Publisher:
         ]
 
     def _publish_best(self, op: CheckpointOp) -> None:
-        from mlflow.entities import LoggedModelOutput, RunTag
-        from mlflow.exceptions import MlflowException
+        """LoggedModel (created with its tags), files, READY, version, alias, then one ``log_batch``
+        with the epoch's metrics (linked to the model) and the run's ``best_*`` tags together.
+
+        About nine calls per improvement; each step is recorded in ``op.progress``, so a retry
+        resumes at the failed step. A refusal part way (MLflow said no: the item is dropped) still
+        sends the epoch's metrics first, so the run's history has no hole.
+        """
+        from mlflow.entities import RunTag
+
+        from mlflow_best._replay import is_refusal
 
         p = op.progress
         folder = Path(op.folder)
@@ -300,6 +324,44 @@ class Publisher:
         if p.get("tried") or op.timestamp_ms < self._since_ms:
             self._resume_progress(p)
         p["tried"] = True
+        try:
+            self._register(op, p, tags, folder)
+        except Exception as e:
+            if is_refusal(e) and "metrics" not in p:
+                with contextlib.suppress(Exception):
+                    self.client.log_batch(self.run_id, metrics=self._metrics(op, model_id=p.get("model_id")))
+                    p["metrics"] = True
+            raise
+        model_id = p["model_id"]
+        run_tags: dict[str, str] = {} if self._behind_best(op) else {
+            TAG + "best_epoch": str(op.epoch),
+            TAG + "best_value": repr(op.value),
+            TAG + "best_model_id": model_id,
+            TAG + "best_sha256": p["sha256"],
+            TAG + "best_checkpoint": op.name,
+        }
+        if run_tags and "version" in p:
+            run_tags[TAG + "best_version"] = p["version"]
+        # Logged once, with the model id: the run's history gets one row per epoch and the
+        # LoggedModel shows the same numbers (a repeat after a lost answer is a no-op in MLflow).
+        metrics = [] if p.get("metrics") else self._metrics(op, model_id=model_id)
+        if metrics or run_tags:
+            self.client.log_batch(
+                self.run_id, metrics=metrics, tags=[RunTag(k, v) for k, v in run_tags.items()]
+            )
+            p["metrics"] = True
+        if run_tags:
+            self._best = (op.value, op.epoch)
+        if self.keep is not None:
+            self._prune(self.keep)
+        if self.on_registered is not None:
+            self.on_registered(op)
+
+    def _register(self, op: CheckpointOp, p: dict[str, Any], tags: dict[str, str], folder: Path) -> None:
+        """The LoggedModel, its files, READY, the version, the alias and the version link (as needed)."""
+        from mlflow.entities import LoggedModelOutput
+        from mlflow.exceptions import MlflowException
+
         if "model_id" not in p:
             lm = self.client.create_logged_model(
                 self.experiment_id,
@@ -308,15 +370,12 @@ class Publisher:
                 tags=tags,
                 params={"epoch": str(op.epoch), "monitor": self.monitor, "mode": self.criterion.mode},
             )
-            p["model_id"] = lm.model_id
+            p["model_id"], p["location"], p["fresh"] = lm.model_id, lm.artifact_location, True
         model_id = p["model_id"]
-        if "metrics" not in p:
-            # Logged once, with the model id: the run's history gets one row per epoch and the
-            # LoggedModel shows the same numbers.
-            self.client.log_batch(self.run_id, metrics=self._metrics(op, model_id=model_id))
-            p["metrics"] = True
         if "artifacts" not in p:
-            self.client.log_model_artifacts(model_id, str(folder))
+            if "location" not in p:
+                p["location"] = self.client.get_logged_model(model_id).artifact_location
+            upload_folder(self.client.tracking_uri, p["location"], folder)
             p["artifacts"] = True
         if "finalized" not in p:
             try:
@@ -326,40 +385,28 @@ class Publisher:
                     raise
             self.client.finalize_logged_model(model_id, "READY")
             p["finalized"] = True
-        if self.registered_model and "version" not in p:
+        if not self.registered_model:
+            return
+        if "version" not in p:
             mv = self.client.create_model_version(
                 self.registered_model,
-                source=self._version_source(model_id),
+                source=self._version_source(model_id, p.get("location")),
                 run_id=self.run_id,
                 tags={**tags, V_MODEL_ID: model_id},
                 model_id=model_id,
                 description=f"{op.name} of run {self.run_id}",
             )
             p["version"] = str(mv.version)
-        if self.registered_model and self.alias and "alias" not in p:
-            move_alias_to_best(self.client, self.registered_model, self.alias, self.monitor, self.criterion)
+        if self.alias and "alias" not in p:
+            move_alias_to_best(self.client, self.registered_model, self.alias, self.monitor, self.criterion,
+                               mine=p["version"])
             p["alias"] = True
-        run_tags: dict[str, str] = {} if self._behind_best(op) else {
-            TAG + "best_epoch": str(op.epoch),
-            TAG + "best_value": repr(op.value),
-            TAG + "best_model_id": model_id,
-            TAG + "best_sha256": p["sha256"],
-            TAG + "best_checkpoint": op.name,
-        }
-        if "version" in p:
-            if run_tags:
-                run_tags[TAG + "best_version"] = p["version"]
-            if "model_tagged" not in p:
-                assert self.registered_model is not None
-                link_version(self.client, model_id, self.registered_model, p["version"])
-                p["model_tagged"] = True
-        if run_tags:
-            self.client.log_batch(self.run_id, tags=[RunTag(k, v) for k, v in run_tags.items()])
-            self._best = (op.value, op.epoch)
-        if self.keep is not None:
-            self._prune(self.keep)
-        if self.on_registered is not None:
-            self.on_registered(op)
+        if "model_tagged" not in p:
+            # A model this attempt created has only the tags it was created with (and, through a
+            # server, the link create_model_version wrote, which the same value replaces).
+            link_version(self.client, model_id, self.registered_model, p["version"],
+                         tags=dict(tags) if p.get("fresh") else None)
+            p["model_tagged"] = True
 
     def _behind_best(self, op: CheckpointOp) -> bool:
         """A replay of an older process's checkpoint that the run's ``best_*`` tags have moved past.
@@ -456,7 +503,7 @@ class Publisher:
             out[name] = {str(a): str(v) for a, v in held.items()}
         return out
 
-    def _version_source(self, model_id: str) -> str:
+    def _version_source(self, model_id: str, location: str | None = None) -> str:
         """``models:/<id>``, unless MLflow's database registry would resolve it in the wrong store.
 
         The SQL registry looks ``models:/<id>`` up through the *global* tracking URI (not the
@@ -469,7 +516,7 @@ class Publisher:
         uri = self.client.tracking_uri
         scheme = uri.split(":", 1)[0].split("+", 1)[0]
         if scheme in ("sqlite", "postgresql", "mysql", "mssql") and uri != mlflow.get_tracking_uri():
-            return str(self.client.get_logged_model(model_id).artifact_location)
+            return str(location or self.client.get_logged_model(model_id).artifact_location)
         return f"models:/{model_id}"
 
     def _resume_progress(self, p: dict[str, Any]) -> None:
@@ -484,7 +531,7 @@ class Publisher:
                 if (m.tags or {}).get(V_SHA) == p["sha256"]:
                     p["model_id"] = m.model_id
                     if str(m.status).endswith("READY"):  # finalized only after its files were complete
-                        p.update(metrics=True, artifacts=True, finalized=True)
+                        p.update(artifacts=True, finalized=True)
                     break
         if self.registered_model and "model_id" in p and "version" not in p:
             for v in _all_versions(self.client, self.registered_model, run_id=self.run_id):

@@ -199,11 +199,12 @@ def test_alias_moves_converge_when_writers_collide(mlflow_server: MlflowServer) 
         try:
             barrier.wait(timeout=60)
             time.sleep(delay)  # staggered, so that creations and reads interleave
-            client.create_model_version(
+            mv = client.create_model_version(
                 name, source=f"runs:/{run_id}/ckpt-{value}", run_id=run_id,
                 tags={"monitor": "val_loss", "mode": "min", "value": repr(value), "epoch": "0"},
             )
-            move_alias_to_best(client, name, "best", "val_loss", criterion)
+            # As the publisher calls it: with its own version, whose holder read may be skipped.
+            move_alias_to_best(client, name, "best", "val_loss", criterion, mine=str(mv.version))
         except BaseException as e:
             errors.append(e)
 
