@@ -1207,10 +1207,15 @@ def _memory_above_training(get: Lookup, size: str, store: str) -> float | None:
 
 
 def _col_over(col: str, other: str, num: str = MBV, other_col: str | None = None) -> TargetFn:
-    """A column of the `num` row over a column (the same by default) of another row, same size and store."""
+    """A column of the `num` row over a column (the same by default) of another row, same size and store.
+
+    None (n/a) when the denominator is not positive: an over_none_s at or below
+    zero means noise swamped the overhead, and a ratio over it says nothing.
+    """
 
     def fn(get: Lookup, size: str, store: str) -> float | None:
-        return ratio(get(num, size, store, col), get(other, size, store, other_col or col))
+        den = get(other, size, store, other_col or col)
+        return ratio(get(num, size, store, col), den) if den is not None and den > 0 else None
 
     return fn
 
