@@ -1102,7 +1102,8 @@ def add_over_none(rows: list[dict[str, Any]]) -> None:
             none_walls.setdefault(row["size"], []).append(row["wall_s"])
     for row in rows:
         walls = none_walls.get(row["size"])
-        if walls and row["size"] in SIZES and isinstance(row.get("wall_s"), float):
+        floor = row["variant"] in (BASELINE, RUN_START)
+        if walls and not floor and isinstance(row.get("wall_s"), float):
             row["over_none_s"] = row["wall_s"] - statistics.median(walls)
 
 
@@ -1129,7 +1130,24 @@ def results_frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
     has_check = df["check"].notna().any()
     out["check"] = grouped["check"].agg(_first_problem) if has_check else None
     out["rounds"] = grouped["round"].nunique()
-    return out.reset_index()[COLUMNS]
+    out = out.reset_index()
+    # A fixed order, whatever order the rounds ran in: floors, then by size, store, variant.
+    return out.iloc[sorted(range(len(out)), key=lambda i: _row_order(out.iloc[i]))][COLUMNS]
+
+
+def _row_order(row: pd.Series) -> tuple[int, int, int, int, str]:
+    def index(values: Sequence[str], value: str) -> int:
+        return values.index(value) if value in values else -1
+
+    variant = str(row["variant"]).removesuffix(BEFORE)
+    floor = index((BASELINE, RUN_START), variant)
+    return (
+        floor if floor >= 0 else 2,
+        index(tuple(SIZES), str(row["size"])),
+        index(ALL_STORES, str(row["store"])),
+        index(ALL_VARIANTS, variant),
+        str(row["variant"]),  # "x" before "x (before)"
+    )
 
 
 class Lookup:
