@@ -15,6 +15,23 @@ variant improves on exactly the same epochs, while the model really trains on
 seeded synthetic data so checkpoints hold real, changing weights. Every
 measurement runs in a fresh subprocess (--_child) so memory peaks, imports and
 caches don't bleed between variants.
+
+--rounds N runs the whole plan N times, each round in an order shuffled by
+random.Random(round) (the floors stay first); the table shows the median over
+rounds. --before PATH also measures every mlflow_best* variant with the package
+imported from another checkout (rows "... (before)"), each next to its own row.
+
+CPU and I/O columns, over the same window as wall_s (per improvement: divided
+by the number of improving epochs):
+
+  cpu_s              process CPU (getrusage, all threads), less the RSS sampler's own thread
+  work_cpu_s         main-thread CPU (thread_time) in train + validate only
+  track_cpu_impr_ms  (cpu_s - work_cpu_s) per improvement: all CPU spent on tracking
+  bg_cpu_impr_ms     (cpu_s - main-thread CPU over the window) per improvement
+  written_impr_mb    /proc/self/io write_bytes per improvement (server store: plus the
+                     server's process group), MB
+  wchar_impr_mb      the same with wchar (bytes passed to write(), page cache included)
+  over_none_s        wall_s minus the median wall_s of `none` for the same size
 """
 
 from __future__ import annotations
