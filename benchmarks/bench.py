@@ -15,6 +15,23 @@ variant improves on exactly the same epochs, while the model really trains on
 seeded synthetic data so checkpoints hold real, changing weights. Every
 measurement runs in a fresh subprocess (--_child) so memory peaks, imports and
 caches don't bleed between variants.
+
+--rounds N runs the whole plan N times, each round in an order shuffled by
+random.Random(round) (the floors stay first); the table shows the median over
+rounds. --before PATH also measures every mlflow_best* variant with the package
+imported from another checkout (rows "... (before)"), each next to its own row.
+
+CPU and I/O columns, over the same window as wall_s (per improvement: divided
+by the number of improving epochs):
+
+  cpu_s              process CPU (getrusage, all threads), less the RSS sampler's own thread
+  work_cpu_s         main-thread CPU (thread_time) in train + validate only
+  track_cpu_impr_ms  (cpu_s - work_cpu_s) per improvement: all CPU spent on tracking
+  bg_cpu_impr_ms     (cpu_s - main-thread CPU over the window) per improvement
+  written_impr_mb    /proc/self/io write_bytes per improvement (server store: plus the
+                     server's process group), MB
+  wchar_impr_mb      the same with wchar (bytes passed to write(), page cache included)
+  over_none_s        wall_s minus the median wall_s of `none` for the same size
 """
 
 from __future__ import annotations
@@ -28,6 +45,9 @@ import itertools
 import json
 import math
 import os
+import random
+import resource
+import shlex
 import shutil
 import signal
 import socket
@@ -213,12 +233,15 @@ class EpochClock:
     ``work_end()`` is called right after validation; ``epoch_start()`` at the
     top of the next epoch (and once after the loop for the last epoch). That
     gap is exactly the time the training loop spends in tracking code. The
-    work itself (train + validate) is timed too, to explain wall-time gaps.
+    work itself (train + validate) is timed too, to explain wall-time gaps,
+    both in wall time and in the calling (main) thread's CPU time.
     """
 
     def __init__(self) -> None:
         self.stalls: list[float] = []
         self.work: list[float] = []
+        self.work_cpu: list[float] = []  # time.thread_time() of the work windows
+        self._work_start_cpu = 0.0
         self.first_start: float | None = None  # setup ends here
         self.last_start = 0.0  # the final call (after the loop): finishing starts here
         self._work_end: float | None = None
@@ -233,11 +256,13 @@ class EpochClock:
             self.stalls.append(now - self._work_end)
             self._work_end = None
         self._work_start = now
+        self._work_start_cpu = time.thread_time()
 
     def work_end(self) -> None:
-        now = time.perf_counter()
+        now, cpu = time.perf_counter(), time.thread_time()
         if self._work_start is not None:
             self.work.append(now - self._work_start)
+            self.work_cpu.append(cpu - self._work_start_cpu)
         self._work_end = now
 
 
@@ -556,10 +581,13 @@ class RssSampler:
         self._thread = threading.Thread(target=self._loop, daemon=True)
         self.start_rss = 0
         self.peak = 0
+        self.cpu_s = 0.0  # this sampler thread's own CPU so far: not the variant's
 
     def _loop(self) -> None:
+        cpu0 = time.thread_time()
         while not self._stop.wait(SAMPLE_INTERVAL_S):
             self.peak = max(self.peak, self._read())
+            self.cpu_s = time.thread_time() - cpu0
 
     def __enter__(self) -> RssSampler:
         gc.collect()
@@ -575,6 +603,73 @@ class RssSampler:
     @property
     def extra_bytes(self) -> int:
         return self.peak - self.start_rss
+
+
+def process_cpu_s() -> float:
+    """User + system CPU of this process, all its threads (and reaped children)."""
+    use = resource.getrusage(resource.RUSAGE_SELF)
+    return use.ru_utime + use.ru_stime
+
+
+IO_FIELDS = ("write_bytes", "wchar")
+
+
+def read_io(pid: int | str = "self") -> dict[str, int] | None:
+    """The write counters of /proc/<pid>/io; None when they cannot be read."""
+    try:
+        text = Path(f"/proc/{pid}/io").read_text()
+    except OSError:
+        return None
+    values = dict(line.split(": ", 1) for line in text.splitlines() if ": " in line)
+    return {k: int(values[k]) for k in IO_FIELDS if k in values} or None
+
+
+def read_group_io(pgid: int) -> dict[str, int] | None:
+    """The write counters summed over a process group (the server and its workers).
+
+    /proc/<pid>/io of the server's main process does not include its live
+    worker processes, which do the writing; the server runs in its own
+    session, so its group id is its pid. None when the leader's cannot be read.
+    """
+    total = read_io(pgid)
+    if total is None:
+        return None
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == pgid:
+            continue
+        try:  # field 5 of stat is the group; the name (field 2) may hold spaces
+            pgrp = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[2])
+        except (OSError, IndexError, ValueError):
+            continue
+        if pgrp == pgid and (io := read_io(entry.name)) is not None:
+            for k in IO_FIELDS:
+                total[k] = total.get(k, 0) + io.get(k, 0)
+    return total
+
+
+@dataclass
+class IoMark:
+    """Write counters of this process and, for the server store, of the server."""
+
+    own: dict[str, int] | None
+    server: dict[str, int] | None
+
+    @classmethod
+    def take(cls, server_pid: int | None) -> IoMark:
+        os.sync()  # attribute delayed writeback to the window it belongs to
+        return cls(read_io(), read_group_io(server_pid) if server_pid else None)
+
+
+def written_mb(start: IoMark, end: IoMark, key: str, with_server: bool) -> float | None:
+    """MB (1e6) counted in `key` between two marks; None when a needed counter was unreadable."""
+    if start.own is None or end.own is None:
+        return None
+    total = end.own[key] - start.own[key]
+    if with_server:
+        if start.server is None or end.server is None:
+            return None
+        total += end.server[key] - start.server[key]
+    return total / MB
 
 
 def dir_bytes(root: Path | None) -> int:
@@ -646,18 +741,50 @@ def stall_stats(stalls: list[float], epochs: int) -> dict[str, float | None]:
     }
 
 
+def check_package_root(spec: ChildSpec) -> str | None:
+    """An error when the imported mlflow_best is not the one of spec.package_root."""
+    import mlflow_best
+
+    where = Path(mlflow_best.__file__ or "").resolve()
+    root = Path(spec.package_root).resolve()
+    print(f"mlflow_best imported from {where} (intended root {root})", flush=True)
+    return None if where.is_relative_to(root) else f"ERROR mlflow_best from {where}, not under {root}"
+
+
 def measure_variant(spec: ChildSpec) -> dict[str, Any]:
     # Imports are a once-per-process cost, not a per-run one: keep them out of wall time.
     for module in PREIMPORTS.get(spec.variant, ()):
         importlib.import_module(module)
+    if spec.variant.startswith("mlflow_best") and (error := check_package_root(spec)):
+        return {"check": error}
     wl = make_workload(spec.size, spec.epochs)
     ctx = None if spec.variant == "none" else open_store(spec, f"{spec.variant}-{spec.size}")
     state_bytes = sum(t.nbytes for t in state_tensors(wl.model, wl.opt))
+    server_pid = spec.server_pid if spec.store == "server" else None
     with RssSampler() as mem:
+        io0 = IoMark.take(server_pid)
+        cpu0, main0 = process_cpu_s(), time.thread_time()
+        sampler0 = mem.cpu_s
         t0 = time.perf_counter()
         out = VARIANTS[spec.variant](wl, ctx)
         t1 = time.perf_counter()
+        # Right after the variant returns, before restore and the other measurements.
+        main_cpu, cpu = time.thread_time() - main0, process_cpu_s() - cpu0
+        cpu -= mem.cpu_s - sampler0  # the RSS sampler's own thread is the benchmark's, not the variant's
+        io1 = IoMark.take(server_pid)
     wall = t1 - t0
+    n_impr = len(expected_improving(wl.epochs))
+    work_cpu = sum(out.clock.work_cpu)
+    print(
+        f"window: cpu {cpu:.3f}s (sampler {mem.cpu_s - sampler0:.3f}s excluded), "
+        f"main thread {main_cpu:.3f}s, work {work_cpu:.3f}s; io own {io0.own} -> {io1.own}",
+        flush=True,
+    )
+    if server_pid is not None:
+        if io0.server is None or io1.server is None:
+            print(f"server pid {server_pid}: /proc/{server_pid}/io unreadable; written/wchar left empty")
+        else:
+            print(f"io server group {server_pid}: {io0.server} -> {io1.server}", flush=True)
     row: dict[str, Any] = {
         **stall_stats(out.clock.stalls, wl.epochs),
         "wall_s": wall,
@@ -667,6 +794,12 @@ def measure_variant(spec: ChildSpec) -> dict[str, Any]:
         # Where the rest of that overhead goes: before the first epoch, after the last one.
         "setup_s": (out.clock.first_start or t0) - t0,
         "finish_s": t1 - out.clock.last_start,
+        "cpu_s": cpu,
+        "work_cpu_s": work_cpu,
+        "track_cpu_impr_ms": (cpu - work_cpu) / n_impr * 1e3,
+        "bg_cpu_impr_ms": (cpu - main_cpu) / n_impr * 1e3,
+        "written_impr_mb": _per(written_mb(io0, io1, "write_bytes", server_pid is not None), n_impr),
+        "wchar_impr_mb": _per(written_mb(io0, io1, "wchar", server_pid is not None), n_impr),
         "peak_extra_mb": mem.extra_bytes / MB,
         "state_mb": state_bytes / MB,
     }
@@ -677,6 +810,10 @@ def measure_variant(spec: ChildSpec) -> dict[str, Any]:
         if spec.store == "server":  # the server outlives this child: free its disk now
             shutil.rmtree(ctx.artifact_dir, ignore_errors=True)
     return row
+
+
+def _per(total: float | None, n: int) -> float | None:
+    return None if total is None else total / n
 
 
 def storage_and_restore(wl: Workload, ctx: StoreCtx, out: VariantOut, restore: Restore) -> dict[str, Any]:
@@ -778,6 +915,7 @@ def measure_run_start(spec: ChildSpec) -> dict[str, Any]:
 
 BASELINE = "baseline: copy->CPU buffers / torch.load"
 RUN_START = "mlflow start_run+end_run"
+BEFORE = " (before)"  # label suffix of the rows measured with --before's checkout
 
 
 @dataclass
@@ -792,6 +930,13 @@ class ChildSpec:
     torch_threads: int = 1
     server_url: str | None = None
     server_artifacts: str | None = None
+    server_pid: int | None = None  # the server's process group, for its write counters
+    package_root: str = str(REPO_ROOT)  # the checkout whose mlflow_best the child imports
+    label_suffix: str = ""  # " (before)" for the rows of --before's checkout
+
+    @property
+    def label(self) -> str:
+        return self.variant + self.label_suffix
 
 
 def child_main(raw: str) -> None:
@@ -815,6 +960,7 @@ def free_port() -> int:
 class Server:
     url: str
     artifacts: Path
+    pid: int  # also its process group: it runs in its own session
 
 
 @contextlib.contextmanager
@@ -838,7 +984,7 @@ def mlflow_server(root: Path) -> Iterator[Server]:
     url = f"http://127.0.0.1:{port}"
     try:
         wait_healthy(url, proc, log_path)
-        yield Server(url, artifacts)
+        yield Server(url, artifacts, proc.pid)
     finally:
         stop_group(proc)
 
@@ -870,13 +1016,13 @@ def stop_group(proc: subprocess.Popen[bytes]) -> None:
     proc.wait()
 
 
-def run_child(spec: ChildSpec) -> dict[str, Any]:
+def run_child(spec: ChildSpec, logs: Path | None = None) -> dict[str, Any]:
     """Run one measurement in a fresh interpreter; never raise, report errors in the row."""
     workdir = Path(spec.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ)
     # The checked-out package is measured, even when another copy is installed.
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [spec.package_root, env.get("PYTHONPATH")]))
     log_path = workdir.with_suffix(".log")
     cmd = [sys.executable, str(Path(__file__).resolve()), "--_child", json.dumps(asdict(spec))]
     t0 = time.monotonic()
@@ -889,39 +1035,64 @@ def run_child(spec: ChildSpec) -> dict[str, Any]:
         row = {"check": f"ERROR timeout {CHILD_TIMEOUT_S}s"}
     if str(row.get("check", "")).startswith("ERROR"):
         tail = log_path.read_text(errors="replace")[-4000:]
-        print(f"--- {spec.variant}/{spec.size}/{spec.store} failed; log tail:\n{tail}", file=sys.stderr)
+        print(f"--- {spec.label}/{spec.size}/{spec.store} failed; log tail:\n{tail}", file=sys.stderr)
     took = time.monotonic() - t0
-    print(f"  {spec.variant:<40} {spec.size:<6} {spec.store:<7} {took:6.1f}s", file=sys.stderr)
+    print(f"  {spec.label:<40} {spec.size:<6} {spec.store:<7} {took:6.1f}s", file=sys.stderr)
     shutil.rmtree(workdir, ignore_errors=True)  # checkpoints can be GBs
-    return {"variant": spec.variant, "size": spec.size, "store": spec.store, **row}
+    if logs is not None and log_path.exists():  # the tmpdir goes at the end; keep a copy
+        logs.mkdir(parents=True, exist_ok=True)
+        shutil.copy(log_path, logs / log_path.name)
+    return {"variant": spec.label, "size": spec.size, "store": spec.store, **row}
 
 
-def plan(args: argparse.Namespace, workdir: Path, servers: Mapping[str, Server]) -> list[ChildSpec]:
-    specs: list[ChildSpec] = []
+def plan(
+    args: argparse.Namespace, workdir: Path, servers: Mapping[str, Server], round_no: int = 0
+) -> list[ChildSpec]:
+    """One round: the floors first, then the variants in an order shuffled by `round_no`.
 
-    def add(kind: str, variant: str, size: str, store: str) -> None:
+    With --before, each mlflow_best* child is paired with the same child importing
+    the package from the other checkout; a pair stays adjacent (in a shuffled
+    order too), so both run under the same machine load.
+    """
+    fixed: list[ChildSpec] = []
+    groups: list[list[ChildSpec]] = []
+    count = itertools.count()
+
+    def spec(
+        kind: str, variant: str, size: str, store: str, root: Path = REPO_ROOT, suffix: str = ""
+    ) -> ChildSpec:
         server = servers.get(store)
         label = variant if kind == "variant" else kind  # the labels of the others hold spaces
-        child = workdir / f"{len(specs):02d}-{label}-{size}-{store}"
-        specs.append(
-            ChildSpec(
-                kind, variant, size, store, args.epochs, str(child), str(child) + ".json", args.torch_threads,
-                server.url if server else None, str(server.artifacts) if server else None,
-            )
+        tag = "-before" if suffix else ""
+        child = workdir / f"r{round_no}-{next(count):02d}-{label}{tag}-{size}-{store}"
+        return ChildSpec(
+            kind, variant, size, store, args.epochs, str(child), str(child) + ".json", args.torch_threads,
+            server.url if server else None, str(server.artifacts) if server else None,
+            server.pid if server else None, str(root), suffix,
         )  # fmt: skip
 
+    def add(variant: str, size: str, store: str) -> None:
+        group = [spec("variant", variant, size, store)]
+        if args.before is not None and variant.startswith("mlflow_best"):
+            group.append(spec("variant", variant, size, store, args.before, BEFORE))
+        groups.append(group)
+
     for size in args.sizes:
-        add("baseline", BASELINE, size, "-")
+        fixed.append(spec("baseline", BASELINE, size, "-"))
     for store in args.stores:
-        add("run_start", RUN_START, "-", store)
+        fixed.append(spec("run_start", RUN_START, "-", store))
     for size in args.sizes:
         if "none" in args.variants:  # tracks nothing, so one run per size
-            add("variant", "none", size, "-")
+            add("none", size, "-")
         for store in args.stores:
             for variant in args.variants:
                 if variant != "none":
-                    add("variant", variant, size, store)
-    return specs
+                    add(variant, size, store)
+    rng = random.Random(round_no)
+    rng.shuffle(groups)
+    for group in groups:
+        rng.shuffle(group)  # which of a before/after pair goes first
+    return fixed + [s for group in groups for s in group]
 
 
 # --------------------------------------------------------------------------- #
@@ -931,19 +1102,69 @@ def plan(args: argparse.Namespace, workdir: Path, servers: Mapping[str, Server])
 COLUMNS = [
     "variant", "size", "store", "stall_impr_ms", "stall_max_ms", "nonimpr_ms",
     "wall_s", "work_s", "overhead_s", "setup_s", "finish_s",
+    "over_none_s", "cpu_s", "work_cpu_s", "track_cpu_impr_ms", "bg_cpu_impr_ms",
+    "written_impr_mb", "wchar_impr_mb",
     "peak_extra_mb", "state_mb", "stored_mb", "local_mb",
-    "restore_ms", "restore_cold_ms", "bare_load_ms", "pyfunc_predict_ms", "bare_predict_ms", "check",
+    "restore_ms", "restore_cold_ms", "bare_load_ms", "pyfunc_predict_ms", "bare_predict_ms",
+    "check", "rounds",
 ]  # fmt: skip
+KEYS = ["variant", "size", "store"]
+
+
+def add_over_none(rows: list[dict[str, Any]]) -> None:
+    """over_none_s: a row's wall_s minus the median wall_s of `none` (all rounds) for its size."""
+    none_walls: dict[str, list[float]] = {}
+    for row in rows:
+        if row["variant"] == "none" and isinstance(row.get("wall_s"), float):
+            none_walls.setdefault(row["size"], []).append(row["wall_s"])
+    for row in rows:
+        walls = none_walls.get(row["size"])
+        floor = row["variant"] in (BASELINE, RUN_START)
+        if walls and not floor and isinstance(row.get("wall_s"), float):
+            row["over_none_s"] = row["wall_s"] - statistics.median(walls)
+
+
+def _first_problem(checks: pd.Series) -> Any:
+    """`ok` only when every round said ok; else the first round's other word."""
+    said = [c for c in checks if isinstance(c, str)]
+    if not said:
+        return None
+    return next((c for c in said if c != "ok"), "ok") if len(said) == len(checks) else "ERROR no check"
 
 
 def results_frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
+    """One row per (variant, size, store): the median over rounds of each number."""
     import pandas as pd
 
     df = pd.DataFrame(rows)
-    for col in COLUMNS:
+    for col in [*COLUMNS, "round"]:
         if col not in df:
             df[col] = None
-    return df[COLUMNS]
+    numeric = [c for c in COLUMNS if c not in (*KEYS, "check", "rounds")]
+    df[numeric] = df[numeric].apply(pd.to_numeric, errors="coerce")
+    grouped = df.groupby(KEYS, sort=False, dropna=False)
+    out = grouped[numeric].median()
+    has_check = df["check"].notna().any()
+    out["check"] = grouped["check"].agg(_first_problem) if has_check else None
+    out["rounds"] = grouped["round"].nunique()
+    out = out.reset_index()
+    # A fixed order, whatever order the rounds ran in: floors, then by size, store, variant.
+    return out.iloc[sorted(range(len(out)), key=lambda i: _row_order(out.iloc[i]))][COLUMNS]
+
+
+def _row_order(row: pd.Series) -> tuple[int, int, int, int, str]:
+    def index(values: Sequence[str], value: str) -> int:
+        return values.index(value) if value in values else -1
+
+    variant = str(row["variant"]).removesuffix(BEFORE)
+    floor = index((BASELINE, RUN_START), variant)
+    return (
+        floor if floor >= 0 else 2,
+        index(tuple(SIZES), str(row["size"])),
+        index(ALL_STORES, str(row["store"])),
+        index(ALL_VARIANTS, variant),
+        str(row["variant"]),  # "x" before "x (before)"
+    )
 
 
 class Lookup:
@@ -1020,42 +1241,107 @@ def _memory_above_training(get: Lookup, size: str, store: str) -> float | None:
     )
 
 
-# (name, size it is about, value, op, limit); op "" marks a ratio shown for
-# information only. Targets about "large" (~100 MB) are still computed when only
-# the small model ran, but then shown as info.
-TARGETS: list[tuple[str, str, TargetFn, str, float]] = [
-    ("stall improving: mlflow_best / copy into CPU buffers", "large", _stall_over(BASELINE, "-"), "<=", 1.5),
-    ("stall improving: mlflow_best / seed", "large", _stall_over("seed"), "<=", 0.2),
-    ("stall improving: mlflow_best / lightning", "large", _stall_over("lightning"), "<=", 0.2),
-    ("non-improving overhead median, ms", "each", _own("nonimpr_ms"), "<", 2.0),
-    ("wall: mlflow_best / (none + mlflow run start)", "small", _wall_over_floor, "<=", 1.1),
-    ("wall, as above with none's training time for both", "small", _wall_same_training, "", 1.1),
-    ("restore warm / bare torch.load of its files", "large", _own("restore_ms", "bare_load_ms"), "<=", 1.3),
+def _col_over(col: str, other: str, num: str = MBV, other_col: str | None = None) -> TargetFn:
+    """A column of the `num` row over a column (the same by default) of another row, same size and store.
+
+    None (n/a) when the denominator is not positive: an over_none_s at or below
+    zero means noise swamped the overhead, and a ratio over it says nothing.
+    """
+
+    def fn(get: Lookup, size: str, store: str) -> float | None:
+        den = get(other, size, store, other_col or col)
+        return ratio(get(num, size, store, col), den) if den is not None and den > 0 else None
+
+    return fn
+
+
+def _both_below(col: str, other: str, limit: float) -> Callable[[Lookup, str, str], bool]:
+    """A pass condition: mlflow_best's and the other row's `col` are both under `limit`."""
+
+    def fn(get: Lookup, size: str, store: str) -> bool:
+        values = (get(MBV, size, store, col), get(other, size, store, col))
+        return all(v is not None and v < limit for v in values)
+
+    return fn
+
+
+@dataclass(frozen=True)
+class Target:
+    """One ratio row. op "" marks a ratio shown for information only. Targets about
+    "large" (~100 MB) are still computed when only the small model ran, but then
+    shown as info; so is a target on a store outside `stores` (None: every store)."""
+
+    name: str
+    which: str  # the size it is about, or "each"
+    fn: TargetFn
+    op: str
+    limit: float
+    stores: tuple[str, ...] | None = None
+    also_pass: Callable[[Lookup, str, str], bool] | None = None  # PASS when true, whatever the value
+    needs_before: bool = False  # only with --before
+
+
+MBB = MBV + BEFORE
+T = Target
+TARGETS: list[Target] = [
+    T("stall improving: mlflow_best / copy into CPU buffers", "large", _stall_over(BASELINE, "-"), "<=", 1.5),
+    T("stall improving: mlflow_best / seed", "large", _stall_over("seed"), "<=", 0.2),
+    T("stall improving: mlflow_best / lightning", "large", _stall_over("lightning"), "<=", 0.2),
+    T("non-improving overhead median, ms", "each", _own("nonimpr_ms"), "<", 2.0),
+    T("wall: mlflow_best / (none + mlflow run start)", "small", _wall_over_floor, "<=", 1.1),
+    T("wall, as above with none's training time for both", "small", _wall_same_training, "", 1.1),
+    T("restore warm / bare torch.load of its files", "large", _own("restore_ms", "bare_load_ms"), "<=", 1.3),
     # No target in the issue: how much MLflow's pyfunc path (resolve, copy out, verify, rebuild) adds.
-    ("pyfunc load -> first predict / bare load + forward", "each",
-     _own("pyfunc_predict_ms", "bare_predict_ms"), "", 3.0),
-    ("peak extra host memory / state size", "large", _own("peak_extra_mb", "state_mb"), "<=", 2.0),
-    ("peak extra above none's training peak / state size", "large", _memory_above_training, "", 2.0),
-]
+    T("pyfunc load -> first predict / bare load + forward", "each",
+      _own("pyfunc_predict_ms", "bare_predict_ms"), "", 3.0),
+    T("peak extra host memory / state size", "large", _own("peak_extra_mb", "state_mb"), "<=", 2.0),
+    T("peak extra above none's training peak / state size", "large", _memory_above_training, "", 2.0),
+    # Issue 15: a tracked run finishes sooner than the hand-written pattern.
+    T("overhead over none: mlflow_best / seed", "each", _col_over("over_none_s", "seed"), "<=", 0.5),
+    T("overhead over none: mlflow_best / lightning", "each",
+      _col_over("over_none_s", "lightning"), "<=", 0.5),
+    T("(info) overhead_s: mlflow_best / seed", "each", _col_over("overhead_s", "seed"), "", 0.5),
+    T("(info) overhead_s: mlflow_best / lightning", "each", _col_over("overhead_s", "lightning"), "", 0.5),
+    T("background CPU per improvement: mlflow_best bg_cpu_impr_ms / seed track_cpu_impr_ms", "each",
+      _col_over("bg_cpu_impr_ms", "seed", other_col="track_cpu_impr_ms"), "<=", 1.0),
+    T("bytes written per improvement / state size (local store)", "each",
+      _own("written_impr_mb", "state_mb"), "<=", 1.2, stores=("sqlite",)),
+    T("stall improving: mlflow_best / mlflow_best (before)", "each", _stall_over(MBB), "<=", 1.1,
+      needs_before=True),
+    T("non-improving overhead: mlflow_best / before (PASS also when both < 2 ms)", "each",
+      _col_over("nonimpr_ms", MBB), "<=", 1.1, also_pass=_both_below("nonimpr_ms", MBB, 2.0),
+      needs_before=True),
+    T("(info) whole run over none: mlflow_best / before", "each", _col_over("over_none_s", MBB), "", 1.0,
+      needs_before=True),
+]  # fmt: skip
 
 
-def ratio_rows(df: pd.DataFrame, sizes: list[str], stores: list[str]) -> list[dict[str, Any]]:
+def ratio_rows(
+    df: pd.DataFrame, sizes: list[str], stores: list[str], before: bool = False
+) -> list[dict[str, Any]]:
     """The targets, computed from this run's numbers only."""
     get = Lookup(df)
     rows = []
     for store in stores:
-        for name, which, fn, op, limit in TARGETS:
-            for size in _target_sizes(which, sizes):
-                value = fn(get, size, store)
-                informative = op == "" or which not in ("each", size)
+        for t in TARGETS:
+            if t.needs_before and not before:
+                continue
+            for size in _target_sizes(t.which, sizes):
+                value = t.fn(get, size, store)
+                informative = (
+                    t.op == ""
+                    or t.which not in ("each", size)
+                    or (t.stores is not None and store not in t.stores)
+                )
+                forced = t.also_pass is not None and t.also_pass(get, size, store)
                 rows.append(
                     {
-                        "ratio": name,
+                        "ratio": t.name,
                         "size": size,
                         "store": store,
                         "value": value,
-                        "target": f"{op or '(info)'} {limit:g}",
-                        "result": _verdict(value, op, limit, informative),
+                        "target": f"{t.op or '(info)'} {t.limit:g}",
+                        "result": _verdict(value, t.op, t.limit, informative, forced),
                     }
                 )
     return rows
@@ -1069,10 +1355,10 @@ def _target_sizes(which: str, sizes: list[str]) -> list[str]:
     return [sizes[-1]]  # shown for information with the size that was run
 
 
-def _verdict(value: float | None, op: str, limit: float, informative: bool) -> str:
-    if value is None:
+def _verdict(value: float | None, op: str, limit: float, informative: bool, forced: bool = False) -> str:
+    if value is None and not forced:
         return "n/a"
-    ok = value <= limit if op in ("<=", "") else value < limit
+    ok = forced or (value is not None and (value <= limit if op in ("<=", "") else value < limit))
     if informative:
         return f"info ({'within' if ok else 'over'})"
     return "PASS" if ok else "FAIL"
@@ -1097,7 +1383,8 @@ def header(args: argparse.Namespace) -> str:
     versions = ", ".join(f"{pkg} {_version(pkg)}" for pkg in ("torch", "mlflow", "lightning", "mlflow-best"))
     return (
         f"mlflow_best benchmark: {args.epochs} epochs, improving epochs {expected_improving(args.epochs)}, "
-        f"sizes {','.join(args.sizes)}, stores {','.join(args.stores)}; {versions}; "
+        f"sizes {','.join(args.sizes)}, stores {','.join(args.stores)}, rounds {args.rounds} (median shown)"
+        f"{f', before = {args.before}' if args.before else ''}; {versions}; "
         f"{os.cpu_count()} CPUs, torch threads {args.torch_threads}; "
         f"load average at start {args.load_at_start}, at end {_load()}"
     )
@@ -1119,15 +1406,18 @@ def report(rows: list[dict[str, Any]], args: argparse.Namespace) -> str:
     """Print the results and ratio tables; return them as markdown."""
     import pandas as pd
 
+    add_over_none(rows)
     df = results_frame(rows)
-    ratios = pd.DataFrame(ratio_rows(df, args.sizes, args.stores))
-    options = ("display.width", 300, "display.max_columns", 50, "display.max_colwidth", 80)
+    ratios = pd.DataFrame(ratio_rows(df, args.sizes, args.stores, before=args.before is not None))
+    command = f"command: {shlex.join(sys.orig_argv)}"
+    options = ("display.width", 400, "display.max_columns", 60, "display.max_colwidth", 90)
     with pd.option_context(*options, "display.float_format", "{:.3f}".format):
+        print(command)
         print(header(args))
         print(df.to_string(index=False))
         print()
         print(ratios.to_string(index=False))
-    return f"{header(args)}\n\n{to_markdown(df)}\n\n{to_markdown(ratios)}\n"
+    return f"{command}\n\n{header(args)}\n\n{to_markdown(df)}\n\n{to_markdown(ratios)}\n"
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -1146,7 +1436,18 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="intra-op threads for training (default 1: leaves a core free for tracking work, as a GPU "
         "training host has idle cores; with every core busy, any background thread steals from training)",
     )
+    p.add_argument(
+        "--rounds", type=int, default=1, help="run the whole plan N times, each in a shuffled order"
+    )
+    p.add_argument(
+        "--before",
+        type=Path,
+        default=None,
+        help="another checkout of this project (e.g. a git worktree of an older commit): every mlflow_best* "
+        "variant also runs importing the package from there, in rows labelled '(before)'",
+    )
     p.add_argument("--out", type=Path, default=None, help="also write the tables as markdown to this file")
+    p.add_argument("--logs", type=Path, default=None, help="copy every child's log into this folder")
     p.add_argument("--_child", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.quick:
@@ -1159,6 +1460,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         setattr(args, name, sorted(values, key=allowed.index))
     if args.epochs < 2 or (args.epochs - 1) in IMPROVING:
         p.error(f"--epochs: the last epoch must not be one of the improving epochs {IMPROVING}")
+    if args.rounds < 1:
+        p.error("--rounds: at least 1")
+    if args.before is not None:
+        args.before = args.before.resolve()
+        if not (args.before / "mlflow_best" / "__init__.py").is_file():
+            p.error(f"--before: {args.before} holds no mlflow_best package")
     return args
 
 
@@ -1174,9 +1481,15 @@ def main(argv: Sequence[str] | None = None) -> None:
             servers: dict[str, Server] = {}
             if "server" in args.stores:
                 servers["server"] = stack.enter_context(mlflow_server(workdir / "server"))
-            specs = plan(args, workdir, servers)
-            print(f"{len(specs)} measurements, one subprocess each, under {workdir}", file=sys.stderr)
-            rows = [run_child(spec) for spec in specs]
+            rows = []
+            for round_no in range(args.rounds):
+                specs = plan(args, workdir, servers, round_no)
+                print(
+                    f"round {round_no + 1}/{args.rounds}: {len(specs)} measurements, one subprocess each, "
+                    f"under {workdir}",
+                    file=sys.stderr,
+                )
+                rows += [{**run_child(spec, args.logs), "round": round_no} for spec in specs]
         markdown = report(rows, args)
         if args.out:
             args.out.write_text(markdown)
