@@ -105,10 +105,19 @@ def ensure_registered_model(client: MlflowClient, name: str) -> None:
 
 def best_version(client: MlflowClient, name: str, monitor: str, criterion: Criterion) -> Any | None:
     """The registered version with the best recorded value of ``monitor`` (earliest wins a tie)."""
+    return pick_best(_all_versions(client, name), monitor, criterion)
+
+
+def pick_best(versions: list[Any], monitor: str, criterion: Criterion) -> Any | None:
+    """The best of ``versions`` by their recorded ``monitor`` value (earliest wins a tie); pure.
+
+    Only versions recorded for this monitor and mode, not pruned, with a finite value count; with a
+    team key (``MLFLOW_BEST_SIGNING_KEY``), only those whose tags a key holder wrote.
+    """
     best: Any | None = None
     best_value = math.nan
     secret = signing.key()
-    for v in _all_versions(client, name):
+    for v in versions:
         tags = v.tags or {}
         if tags.get(V_MONITOR) != monitor or tags.get(V_MODE) != criterion.mode or V_PRUNED in tags:
             continue
@@ -152,9 +161,14 @@ def name_filter(name: str) -> str:
     return "name LIKE '" + "".join("_" if c in "'\\" else c for c in name) + "'"
 
 
-def _all_versions(client: MlflowClient, name: str, run_id: str | None = None) -> list[Any]:
-    """Every version of registered model ``name`` (of ``run_id``'s only, when given)."""
+def _all_versions(
+    client: MlflowClient, name: str, run_id: str | None = None, newer_than: int | None = None
+) -> list[Any]:
+    """Every version of registered model ``name`` (of ``run_id``'s only, or numbered above
+    ``newer_than`` only, when given)."""
     query = name_filter(name) + (f" and run_id='{run_id}'" if run_id else "")
+    if newer_than is not None:
+        query += f" and version_number > {int(newer_than)}"
     return [v for v in _paged(client.search_model_versions, query, max_results=1000) if v.name == name]
 
 
@@ -197,13 +211,21 @@ def move_alias_to_best(
 
     ``mine``: the version this call just registered. When the search finds it best, the alias is
     set without reading its holder first (that read could only say "move it"): three calls for a
-    new best (search, set, search), two for a version that is not (search, read holder).
+    new best (search, set, search), two for a version that is not (search, read holder). The
+    checks after the first search only fetch the versions numbered above those already seen: a
+    version that can beat the target is one registered since.
     """
     from mlflow.exceptions import MlflowException
 
+    versions = _all_versions(client, name)
+    seen = max((int(v.version) for v in versions), default=0)
+    best = pick_best(versions, monitor, criterion)
     written: str | None = None
     for attempt in range(_ALIAS_ATTEMPTS):
-        best = best_version(client, name, monitor, criterion)
+        if attempt:
+            newer = _all_versions(client, name, newer_than=seen)
+            seen = max([seen, *(int(v.version) for v in newer)])
+            best = pick_best([*([best] if best is not None else []), *newer], monitor, criterion)
         if best is None:
             return None
         target = str(best.version)
