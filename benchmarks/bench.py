@@ -529,8 +529,10 @@ def restore_mlflow_best(run_id: str) -> tuple[int, dict[str, torch.Tensor]]:
 PREIMPORTS: dict[str, tuple[str, ...]] = {
     "seed": ("mlflow",),
     "lightning": ("lightning", "lightning.pytorch.callbacks", "lightning.pytorch.loggers"),
-    "mlflow_best": ("mlflow_best",),
-    "mlflow_best_keep1": ("mlflow_best",),
+    # `import mlflow_best` is lazy (issue 12): what track() itself imports (the tracker, MLflow's model
+    # modules for the MLmodel files) is a once-per-process cost too, paid by the first run only.
+    "mlflow_best": ("mlflow_best", "mlflow_best._tracker", "mlflow_best._pyfunc", "mlflow.pyfunc"),
+    "mlflow_best_keep1": ("mlflow_best", "mlflow_best._tracker", "mlflow_best._pyfunc", "mlflow.pyfunc"),
 }
 
 VARIANTS: dict[str, Callable[[Workload, StoreCtx | None], VariantOut]] = {
