@@ -753,6 +753,11 @@ def check_package_root(spec: ChildSpec) -> str | None:
     return None if where.is_relative_to(root) else f"ERROR mlflow_best from {where}, not under {root}"
 
 
+def _run_tag(spec: ChildSpec) -> str:
+    """``r0-07``: this child's round and place in it, so that names on a shared server never collide."""
+    return "-".join(Path(spec.workdir).name.split("-")[:2])
+
+
 def measure_variant(spec: ChildSpec) -> dict[str, Any]:
     # Imports are a once-per-process cost, not a per-run one: keep them out of wall time.
     for module in PREIMPORTS.get(spec.variant, ()):
@@ -760,7 +765,7 @@ def measure_variant(spec: ChildSpec) -> dict[str, Any]:
     if spec.variant.startswith("mlflow_best") and (error := check_package_root(spec)):
         return {"check": error}
     wl = make_workload(spec.size, spec.epochs)
-    ctx = None if spec.variant == "none" else open_store(spec, f"{spec.variant}-{spec.size}")
+    ctx = None if spec.variant == "none" else open_store(spec, f"{spec.variant}-{spec.size}-{_run_tag(spec)}")
     state_bytes = sum(t.nbytes for t in state_tensors(wl.model, wl.opt))
     server_pid = spec.server_pid if spec.store == "server" else None
     with RssSampler() as mem:
