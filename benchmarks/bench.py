@@ -907,7 +907,7 @@ def measure_run_start(spec: ChildSpec) -> dict[str, Any]:
     """MLflow's own fixed cost: start_run + end_run on a pre-created experiment."""
     import mlflow
 
-    ctx = open_store(spec, "run-start")
+    ctx = open_store(spec, f"run-start-{_run_tag(spec)}")
 
     def start_end() -> None:
         mlflow.start_run(experiment_id=ctx.experiment_id)
