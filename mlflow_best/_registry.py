@@ -90,7 +90,9 @@ def ensure_registered_model(client: MlflowClient, name: str) -> None:
     """Create the registered model if it does not exist (safe against a concurrent creator).
 
     One call whether or not it exists: creating first and reading "already exists" as success costs
-    what a lookup costs, and saves the lookup when the model is new.
+    what a lookup costs, and saves the lookup when the model is new. A server that refuses the
+    creation otherwise (a user allowed to write versions of an existing model but not to create
+    models) is asked whether the model exists before the refusal is raised.
     """
     from mlflow.exceptions import MlflowException
 
@@ -99,8 +101,12 @@ def ensure_registered_model(client: MlflowClient, name: str) -> None:
             name, tags={TAG + "managed": "true"}, description="Checkpoints kept by mlflow_best.track"
         )
     except MlflowException as e:
-        if e.error_code != "RESOURCE_ALREADY_EXISTS":
-            raise
+        if e.error_code == "RESOURCE_ALREADY_EXISTS":
+            return
+        try:
+            client.get_registered_model(name)
+        except MlflowException:
+            raise e from None
 
 
 def best_version(client: MlflowClient, name: str, monitor: str, criterion: Criterion) -> Any | None:

@@ -190,3 +190,26 @@ def test_a_stale_alias_write_is_repaired_by_the_writer_that_made_it(sqlite_uri: 
     slow.join(30)
     assert outcome == [better]
     assert str(client.get_model_version_by_alias(name, "best").version) == better
+
+
+def test_a_refused_creation_of_an_existing_registered_model_is_not_an_error(sqlite_uri: str) -> None:
+    """A permissioned server may refuse to create models to a user who may write versions of one."""
+    from mlflow.exceptions import MlflowException
+
+    client = MlflowClient(sqlite_uri)
+    existing, missing = unique("existing"), unique("missing")
+    client.create_registered_model(existing)
+
+    class NoCreate:
+        """The real store, as a user who may not create registered models sees it."""
+
+        def __getattr__(self, attr: str) -> Any:
+            return getattr(client, attr)
+
+        def create_registered_model(self, *args: Any, **kwargs: Any) -> None:
+            raise MlflowException("not allowed to create registered models", error_code="PERMISSION_DENIED")
+
+    ensure_registered_model(NoCreate(), existing)  # type: ignore[arg-type]
+    with pytest.raises(MlflowException, match="not allowed"):
+        ensure_registered_model(NoCreate(), missing)  # type: ignore[arg-type]
+
