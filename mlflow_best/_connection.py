@@ -103,8 +103,10 @@ class Connection:
                                   cfg.monitor, cfg.mode)
         self.pipeline.submit(ArtifactOp(self.pipeline.journal.next_seq(), str(path), "plots"))
 
-    def finish(self, status: str, tags: Mapping[str, str]) -> list[Op]:
+    def finish(self, status: str, tags: Mapping[str, str], progress_every: float = 1.0) -> list[Op]:
         """Send the final tags, end the run (if the block owns it), wait for the queue; return what is unsent.
+
+        While uploads remain, a progress line goes to stderr once per ``progress_every`` seconds.
 
         Whatever fails on the way, the end of the run is submitted and the process's settings put back.
         """
@@ -117,7 +119,9 @@ class Connection:
                 pipeline.submit(EndOp(pipeline.journal.next_seq(), status))
             from mlflow_best._console import progress_line
 
-            pending = pipeline.close(self.config.offline_timeout, progress=progress_line)
+            pending = pipeline.close(
+                self.config.offline_timeout, progress=progress_line, every=progress_every
+            )
             if self.fluent:
                 lifecycle.pop(self.run_id)
             if pipeline.died is not None and any(isinstance(op, EndOp) for op in pending):

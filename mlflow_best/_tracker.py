@@ -314,7 +314,8 @@ class Run:
             # Whatever happened above, the run is ended: never left RUNNING.
             self._closed = True
             summary = {TAG + "improvements": ",".join(map(str, self.improvements))[:5000] or "none"}
-            pending = conn.finish(status, summary)
+            # A terminal sees the wait each second; a log file only a long one (a wait, not a hang).
+            pending = conn.finish(status, summary, progress_every=1.0 if self._verbose() else 10.0)
         rejected = conn.pipeline.rejected
         if self._verbose():
             self._print_summary(conn, status, pending, rejected)

@@ -247,8 +247,12 @@ class Pipeline:
         return self._closing.is_set() and now >= self._deadline
 
     # -- shutdown ---------------------------------------------------------------------------------
-    def close(self, offline_timeout: float, progress: Callable[[int, float], None] | None = None) -> list[Op]:
+    def close(
+        self, offline_timeout: float, progress: Callable[[int, float], None] | None = None, every: float = 1.0
+    ) -> list[Op]:
         """Finish every write and upload; give up on MLflow after ``offline_timeout`` s without it.
+
+        While uploads remain, ``progress(in_flight, elapsed)`` is called once per ``every`` seconds.
 
         Returns the operations that did not reach MLflow (they stay journaled for ``sync``). When a
         thread died, what it left is sent from here, the same way.
@@ -262,7 +266,7 @@ class Pipeline:
         while self._upload.is_alive():
             self._upload.join(timeout=0.1)
             now = time.monotonic()
-            if progress is not None and now - last_report >= 1.0:
+            if progress is not None and now - last_report >= every:
                 progress(self._in_flight, now - start)
                 last_report = now
             if self.offline_since is None:

@@ -21,7 +21,11 @@ def test_the_quickstart_runs_and_registers_its_best_epoch(tmp_path: Path, _sqlit
     done = subprocess.run([sys.executable, str(QUICKSTART)], cwd=tmp_path, env=env, capture_output=True,
                           text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "mlflow_best:" not in done.stderr, done.stderr  # no warning of ours (e.g. a class in __main__)
+    # No warning of ours (e.g. a class in __main__). A wait at exit of 10 s or more (a loaded machine)
+    # prints a progress line, which is not a warning.
+    ours = [line for line in done.stderr.splitlines()
+            if "mlflow_best:" in line and "upload(s) to MLflow…" not in line]
+    assert ours == [], done.stderr
 
     client = MlflowClient(tracking_uri=uri)
     experiment = client.get_experiment_by_name("quickstart")

@@ -251,3 +251,39 @@ def test_a_resume_sends_the_previous_process_leftovers_first_and_the_run_stays_r
     steps = sorted(m.step for m in client.get_metric_history(first.run_id, "val_loss"))
     assert steps == [0, 1, 2, 2, 3]  # epoch 2 logged by both processes (the checkpoint was epoch 1)
     assert client.get_run(first.run_id).info.status == "FINISHED"
+
+
+@pytest.mark.parametrize("verbose", [True, False], ids=["terminal", "log-file"])
+def test_a_long_wait_at_exit_is_shown_each_second_on_a_terminal_and_rarely_in_a_log(
+    outage_server: MlflowServer, server_uri: str, capfd: pytest.CaptureFixture[str], verbose: bool
+) -> None:
+    """The server hangs (SIGSTOP) while the last checkpoint is uploading, and answers again 3.5 s later."""
+    import os
+    import signal
+
+    assert outage_server.proc is not None
+    group = outage_server.proc.pid
+    name = unique("wait")
+    resumed = threading.Timer(3.5, os.killpg, (group, signal.SIGCONT))
+    try:
+        with mlflow_best.track(TinyNet(), None, experiment=unique("wait"), registered_model=name,
+                               verbose=verbose) as run:
+            run.log_epoch(0, {"val_loss": 1.0})
+            deadline = time.monotonic() + 60
+            while run.best.version is None and time.monotonic() < deadline:
+                time.sleep(0.05)
+            capfd.readouterr()
+            os.killpg(group, signal.SIGSTOP)
+            resumed.start()
+            run.log_epoch(1, {"val_loss": 0.5})
+    finally:
+        resumed.cancel()
+        os.killpg(group, signal.SIGCONT)
+    waited = [line for line in capfd.readouterr().err.splitlines() if "upload(s) to MLflow…" in line]
+    if verbose:  # about 3 s of waiting: a line each second
+        assert len(waited) >= 2, waited
+        assert waited[0].startswith("mlflow_best: finishing ") and waited[-1].endswith(" s")
+    else:  # a log file sees only a wait of 10 s or more
+        assert waited == []
+    # The hang cost nothing: the version of epoch 1 is in MLflow and holds the alias.
+    assert MlflowClient(server_uri).get_model_version_by_alias(name, "best").version == "2"
