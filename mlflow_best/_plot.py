@@ -13,11 +13,12 @@ from __future__ import annotations
 import math
 import os
 import re
-import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
+
+from mlflow_best._files import write_atomically
 
 WIDTH, HEIGHT = 640, 360
 _SCALE = 2  # drawn at twice the size, downscaled with a smoothing filter
@@ -227,10 +228,4 @@ def render_metric_plot(
 
     out = image.resize((WIDTH, HEIGHT), Image.Resampling.LANCZOS)
     # Written next to the target and renamed: a reader (the uploader, a sync) never sees half a PNG.
-    tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        out.save(tmp, format="PNG", optimize=False)
-        os.replace(tmp, target)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return target
+    return write_atomically(target, lambda tmp: out.save(tmp, format="PNG", optimize=False))

@@ -33,6 +33,7 @@ from typing import Any, Literal
 from mlflow_best._cache import tree_size
 from mlflow_best._config import home
 from mlflow_best._errors import CheckpointError, ConfigError
+from mlflow_best._files import write_atomically
 
 JOURNAL = "journal.jsonl"
 SENT = "sent.jsonl"
@@ -298,13 +299,8 @@ class Journal:
 # -- run.json ----------------------------------------------------------------------------------
 def write_run_file(staging: Path, info: dict[str, Any]) -> None:
     """Write ``run.json`` atomically (temp file, fsync, rename): a kill never leaves half of it."""
-    staging.mkdir(parents=True, exist_ok=True)
-    tmp = staging / f".{RUN_FILE}.{os.getpid()}.tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(json.dumps(info, indent=2))
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, staging / RUN_FILE)
+    text = json.dumps(info, indent=2)
+    write_atomically(staging / RUN_FILE, lambda tmp: tmp.write_text(text, encoding="utf-8"), fsync=True)
 
 
 def read_run_file(staging: Path) -> dict[str, Any]:

@@ -17,9 +17,10 @@ from __future__ import annotations
 
 import os
 import shutil
-import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+
+from mlflow_best._files import write_atomically
 
 PARALLEL_UPLOADS = 4
 
@@ -60,12 +61,11 @@ def link_or_copy(source: Path, dest: Path) -> None:
             return  # a retry after the link was made
     except OSError:
         pass
-    tmp = dest.with_name(f".{dest.name}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
+
+    def link(tmp: Path) -> None:
         try:
             os.link(source, tmp)
         except OSError:  # another filesystem (EXDEV), or links not allowed there
             shutil.copyfile(source, tmp)
-        os.replace(tmp, dest)
-    finally:
-        tmp.unlink(missing_ok=True)
+
+    write_atomically(dest, link)

@@ -9,7 +9,6 @@ from __future__ import annotations
 import math
 import os
 import sys
-import uuid
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -276,17 +275,12 @@ def _out_writer(out: str) -> Any:
 
 def _write_atomic(target: Path, write: Any) -> None:
     # A reader of --out never sees half a file, and an existing file survives a failed write.
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex[:8]}.tmp")
+    from mlflow_best._files import write_atomically
+
     try:
-        write(tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, target)
+        write_atomically(target, write, fsync=True)
     except OSError as e:
         raise click.ClickException(f"--out {target}: could not write it ({e.strerror or e})") from e
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 @main.command(short_help="Point an alias (@champion) at the best or a given version.")
