@@ -257,14 +257,14 @@ def test_a_resume_sends_the_previous_process_leftovers_first_and_the_run_stays_r
 def test_a_long_wait_at_exit_is_shown_each_second_on_a_terminal_and_rarely_in_a_log(
     outage_server: MlflowServer, server_uri: str, capfd: pytest.CaptureFixture[str], verbose: bool
 ) -> None:
-    """The server hangs (SIGSTOP) while the last checkpoint is uploading, and answers again 3.5 s later."""
+    """The server hangs (SIGSTOP) while the last checkpoint is uploading, and answers again 2.5 s later."""
     import os
     import signal
 
     assert outage_server.proc is not None
     group = outage_server.proc.pid
     name = unique("wait")
-    resumed = threading.Timer(3.5, os.killpg, (group, signal.SIGCONT))
+    resumed = threading.Timer(2.5, os.killpg, (group, signal.SIGCONT))
     try:
         with mlflow_best.track(TinyNet(), None, experiment=unique("wait"), registered_model=name,
                                verbose=verbose) as run:
@@ -280,10 +280,10 @@ def test_a_long_wait_at_exit_is_shown_each_second_on_a_terminal_and_rarely_in_a_
         resumed.cancel()
         os.killpg(group, signal.SIGCONT)
     waited = [line for line in capfd.readouterr().err.splitlines() if "upload(s) to MLflow…" in line]
-    if verbose:  # about 3 s of waiting: a line each second
+    if verbose:  # 2.5 s or more of waiting: a line each second
         assert len(waited) >= 2, waited
         assert waited[0].startswith("mlflow_best: finishing ") and waited[-1].endswith(" s")
-    else:  # a log file sees only a wait of 10 s or more
+    else:  # a log file sees only a wait of 10 s or more (7.5 s of margin for a loaded machine)
         assert waited == []
     # The hang cost nothing: the version of epoch 1 is in MLflow and holds the alias.
     assert MlflowClient(server_uri).get_model_version_by_alias(name, "best").version == "2"
