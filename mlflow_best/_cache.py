@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import Any
 
 from mlflow_best._errors import ConfigError
+from mlflow_best._files import write_atomically
 
 try:
     import fcntl
@@ -275,10 +276,6 @@ class Seal:
             return
         st = after
         self._files = {**self._read(), name: {"sha256": sha256, "id": _identity(st)}}
-        tmp = self.folder / f".seal-{uuid.uuid4().hex[:8]}"
+        text = json.dumps({"files": self._files, "mac": self._mac(self._files)})
         with contextlib.suppress(OSError):
-            body = {"files": self._files, "mac": self._mac(self._files)}
-            tmp.write_text(json.dumps(body), encoding="utf-8")
-            os.replace(tmp, self.folder / SEAL)
-        with contextlib.suppress(OSError):
-            tmp.unlink()
+            write_atomically(self.folder / SEAL, lambda tmp: tmp.write_text(text, encoding="utf-8"))

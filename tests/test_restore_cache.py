@@ -104,3 +104,21 @@ def test_a_download_killed_midway_is_removed_at_the_next_restore_a_live_one_is_n
         alive.wait()
     assert mlflow_best.restore(a, cache_dir=cache).path == entry  # a hit also sweeps
     assert sorted(p.name for p in cache.iterdir() if not p.name.startswith(".key")) == [entry.name]
+
+
+def test_a_restore_seals_what_it_hashed_so_the_next_one_need_not_hash_again(
+    sqlite_uri: str, tmp_path: Path
+) -> None:
+    import json
+    import os
+
+    from mlflow_best._cache import Seal
+
+    (a,) = _runs(1)
+    entry = mlflow_best.restore(a, cache_dir=tmp_path / "cache").path
+    files = json.loads((entry / "manifest.json").read_text())["files"]
+    seal = Seal(entry)  # read back from .sealed.json, its HMAC checked
+    for name in ("model.pt", "training_state.pt"):
+        st = os.stat(entry / name)
+        assert seal.holds(name, files[name]["sha256"], st, st), name
+    assert not [p.name for p in entry.iterdir() if p.name.endswith(".tmp")]  # nothing half-written left
